@@ -1,0 +1,60 @@
+"""Configuration of a GQA/MQA conversion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GQA_METHODS = ("mean", "data_aware", "data_aware_values", "auto")
+
+
+@dataclass
+class GQAConfig:
+    """How to convert a causal LM's attention to fewer key/value heads.
+
+    Grouped-query attention (Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from
+    Multi-Head Checkpoints") shares each key/value head among a group of query heads; multi-query attention
+    (Shazeer 2019, "Fast Transformer Decoding: One Write-Head is All You Need") is the single-group case.
+    The KV cache shrinks by ``num_key_value_heads / num_attention_heads``.
+
+    Args:
+        num_key_value_heads: ``G``, the number of KV heads after conversion. Must divide the number of query heads.
+            ``G = 1`` is MQA; ``G`` larger than the current KV heads expands by repeating heads (lossless).
+        method: ``"mean"`` mean-pools the K and V projections of each group (the paper's initialisation).
+            ``"data_aware"`` fits the shared keys and values in closed form from calibration statistics
+            (values: reduced-rank fit as seen through the output projection; keys: per frequency pair, a complex
+            rank-1 fit that commutes with RoPE) and folds each head's correction into its query and output
+            projections. ``"data_aware_values"`` applies the value fit only, with mean-pooled keys.
+            ``"auto"`` picks the method recommended by the benchmarks (``data_aware``).
+        calibration_tokens: how many calibration tokens the data-aware methods collect statistics from.
+        calibration_seq_len: length of each calibration sequence.
+        layerwise_calibration: after the closed form, fit each converted attention block (Adam on its q/k/v/o
+            projections) to reproduce the original block's output on calibration inputs. No end-to-end training.
+        layerwise_minutes: wall-clock budget of the layer-wise stage, shared by all layers.
+        layerwise_lr: Adam learning rate of the layer-wise stage.
+        group_by_similarity: for ``G > 1``, group KV heads whose keys/values are most alike instead of contiguous
+            groups (data-aware methods only; mean pooling keeps the paper's contiguous groups).
+        seed: seeds calibration sampling.
+    """
+
+    num_key_value_heads: int
+    method: str = "mean"
+    calibration_tokens: int = 12288
+    calibration_seq_len: int = 256
+    layerwise_calibration: bool = False
+    layerwise_minutes: float = 5.0
+    layerwise_lr: float = 1e-4
+    group_by_similarity: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.num_key_value_heads, int) or isinstance(self.num_key_value_heads, bool):
+            raise TypeError(f"num_key_value_heads must be an int, got {self.num_key_value_heads!r}")
+        if self.num_key_value_heads < 1:
+            raise ValueError(f"num_key_value_heads must be >= 1, got {self.num_key_value_heads}")
+        if self.method not in GQA_METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {GQA_METHODS}")
+        if self.calibration_tokens < 1 or self.calibration_seq_len < 2:
+            raise ValueError("calibration_tokens must be >= 1 and calibration_seq_len >= 2")
+        if self.layerwise_minutes <= 0:
+            raise ValueError(f"layerwise_minutes must be > 0, got {self.layerwise_minutes}")
