@@ -174,13 +174,13 @@ def sample_token_blocks(model, tokenizer, num_tokens: int, seq_len: int, seed: i
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     blocks = []
-    progress = tqdm(total=n_blocks, desc="Sampling calibration text from the model", unit="seq")
+    progress = tqdm(total=n_blocks, desc="Sampling text from the model", unit="seq")
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
     while len(blocks) < n_blocks:
-        prompts = [SAMPLING_PROMPTS[int(i)] for i in torch.randint(len(SAMPLING_PROMPTS), (batch_size,),
-                                                                   generator=gen)]
+        size = min(batch_size, n_blocks - len(blocks))
+        prompts = [SAMPLING_PROMPTS[int(i)] for i in torch.randint(len(SAMPLING_PROMPTS), (size,), generator=gen)]
         if getattr(tokenizer, "chat_template", None):
             prompt_ids = [chat_input_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
                           for p in prompts]

@@ -36,16 +36,17 @@ class GQAConfig:
         seed: seeds calibration sampling.
     """
 
-    num_key_value_heads: int
-    method: str = "mean"
-    calibration_tokens: int = 12288
-    calibration_seq_len: int = 256
-    layerwise_calibration: bool = False
-    layerwise_minutes: float = 5.0
-    layerwise_lr: float = 1e-4
-    group_by_similarity: bool = True
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
+    num_key_value_heads: int = field(metadata={"help": "G, the number of KV heads after conversion (1 = MQA)."})
+    method: str = field(default="mean", metadata={"help": f"One of {GQA_METHODS}."})
+    calibration_tokens: int = field(default=12288, metadata={"help": "Calibration tokens (data-aware methods)."})
+    calibration_seq_len: int = field(default=256, metadata={"help": "Length of each calibration sequence."})
+    layerwise_calibration: bool = field(default=False, metadata={"help": "Fit each converted attention block "
+                                        "to the original block's output after the closed form."})
+    layerwise_minutes: float = field(default=5.0, metadata={"help": "Budget of the layer-wise stage, minutes."})
+    layerwise_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the layer-wise stage."})
+    group_by_similarity: bool = field(default=True, metadata={"help": "Group similar KV heads (G > 1, "
+                                      "data-aware methods)."})
+    seed: int = field(default=0, metadata={"help": "Seed of calibration sampling."})
 
     def __post_init__(self):
         if not isinstance(self.num_key_value_heads, int) or isinstance(self.num_key_value_heads, bool):
