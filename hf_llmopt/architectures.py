@@ -15,7 +15,7 @@ Attention layouts (``AttentionSpec.layout``)::
     fused_heads   one nn.Linear whose rows are per head [ q_h ; k_h ; v_h ], h = 0..H-1   (gpt_neox, bloom)
     conv1d_concat GPT-2 Conv1D (weight is (in, out), the transpose of nn.Linear), [ q ; k ; v ] along out
     falcon        falcon's query_key_value, whose layout depends on multi_query / new_decoder_architecture
-    bigcode       gpt_bigcode c_attn: [ q(H*d) ; k(KV*d) ; v(KV*d) ] with KV = 1 (multi_query) or H
+    bigcode       gpt_bigcode c_attn: [ q(H*d) ; k(d) ; v(d) ] when multi_query, else per head like fused_heads
 
 Families whose attention class can express ``num_key_value_heads < num_attention_heads`` are ``native``: their
 converted checkpoints load with plain transformers. The others are converted into a patched attention module
@@ -183,8 +183,10 @@ def register_arch_spec(spec: ArchSpec, overwrite: bool = False) -> ArchSpec:
 
 for _spec in (
     # Native GQA families: transformers' attention class reads config.num_key_value_heads.
-    *(_llama_like(t) for t in ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "starcoder2", "olmo",
-                               "helium", "smollm3", "ministral", "glm", "mixtral", "qwen2_moe")),
+    *(_llama_like(t) for t in ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "olmo", "helium",
+                               "smollm3", "ministral", "mixtral", "qwen2_moe")),
+    ArchSpec("starcoder2", mlp=MLPSpec(gate=None, up="c_fc", down="c_proj")),
+    ArchSpec("glm", mlp=MLPSpec(gate=None, gate_up="gate_up_proj")),
     _llama_like("qwen3", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
     _llama_like("qwen3_moe", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
     _llama_like("gemma3_text", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
