@@ -33,15 +33,15 @@ def convert_gqa_main(argv: list[str]) -> int:
 
     parser = HfArgumentParser((ConvertGQAArguments, GQAConfig), prog="hf-llmopt convert-gqa",
                               description=COMMANDS["convert-gqa"])
-    # MODEL and OUTPUT_DIR may be given positionally, as in `hf-llmopt convert-gqa MODEL OUTPUT_DIR ...`.
-    positional = []
-    while argv and not argv[0].startswith("-") and len(positional) < 2:
-        positional.append(argv.pop(0))
-    argv = [f"--{name}={value}" for name, value in zip(("model", "output_dir"), positional)] + argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):  # a config file holds every flag
         loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         args, gqa = loader(argv[0])
     else:
+        # MODEL and OUTPUT_DIR may be given positionally, as in `hf-llmopt convert-gqa MODEL OUTPUT_DIR ...`.
+        positional = []
+        while argv and not argv[0].startswith("-") and len(positional) < 2:
+            positional.append(argv.pop(0))
+        argv = [f"--{name}={value}" for name, value in zip(("model", "output_dir"), positional)] + argv
         args, gqa = parser.parse_args_into_dataclasses(argv)
     results = convert_and_save(args, gqa)
     print(json.dumps(results, indent=2))
