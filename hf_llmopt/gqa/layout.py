@@ -102,10 +102,12 @@ def read_attention(module: nn.Module, spec: AttentionSpec, num_heads: int, num_k
     """Canonical weights of one attention block stored in ``spec.layout``."""
     o_weight, o_bias = _o_params(module, spec, num_heads)
     d = o_weight.shape[-1]
-    if spec.layout == "separate":
-        q_w, q_b = _linear_params(getattr(module, spec.q), num_heads)
-        k_w, k_b = _linear_params(getattr(module, spec.k), num_kv_heads)
-        v_w, v_b = _linear_params(getattr(module, spec.v), num_kv_heads)
+    patched = getattr(module, "hf_llmopt_patched", False)  # hf_llmopt.gqa.patched: always separate q/k/v_proj
+    if spec.layout == "separate" or patched:
+        names = ("q_proj", "k_proj", "v_proj") if patched else (spec.q, spec.k, spec.v)
+        q_w, q_b = _linear_params(getattr(module, names[0]), num_heads)
+        k_w, k_b = _linear_params(getattr(module, names[1]), num_kv_heads)
+        v_w, v_b = _linear_params(getattr(module, names[2]), num_kv_heads)
     else:
         fused = getattr(module, spec.qkv)
         weight = fused.weight.detach()
@@ -136,11 +138,32 @@ def _read_fused_heads(module, weight, bias, h, kv, d):
     return ws, bs
 
 
+def _read_falcon(module, weight, bias, h, kv, d):
+    if module.new_decoder_architecture:
+        # rows are per KV group [q_{g,0}; ...; q_{g,r-1}; k_g; v_g]: (KV, r + 2, d, D)
+        w = weight.reshape(kv, h // kv + 2, d, -1)
+        b = bias.reshape(kv, h // kv + 2, d) if bias is not None else None
+        ws = (w[:, :-2], w[:, -2], w[:, -1])
+        bs = (b[:, :-2], b[:, -2], b[:, -1]) if b is not None else (None, None, None)
+        return ws, bs
+    if module.multi_query:
+        return _split_rows(weight, bias, [h * d, d, d])  # [q (H*d); k (d); v (d)]
+    return _read_fused_heads(module, weight, bias, h, kv, d)
+
+
+def _read_bigcode(module, weight, bias, h, kv, d):
+    if module.multi_query:
+        return _split_rows(weight, bias, [h * d, d, d])  # [q (H*d); k (d); v (d)]
+    return _read_fused_heads(module, weight, bias, h, kv, d)  # viewed as (B, T, H, 3*d) per head
+
+
 # layout -> fn(module, weight (out, D), bias (out,) | None, H, KV, d) -> ((q, k, v) rows, (q, k, v) biases)
 FUSED_READERS: dict[str, Callable] = {
     "fused_concat": _read_fused_concat,
     "conv1d_concat": _read_conv1d_concat,
     "fused_heads": _read_fused_heads,
+    "falcon": _read_falcon,
+    "bigcode": _read_bigcode,
 }
 
 
