@@ -148,6 +148,7 @@ def reloaded_in_fresh_process(tmp_path_factory):
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModelForCausalLM
+        torch.set_num_threads(1)  # same threads as the test process, so logits can be compared exactly
         x = torch.load({str(root / "inputs.pt")!r})
         for name in {NATIVE!r}:
             m = AutoModelForCausalLM.from_pretrained({str(root)!r} + "/" + name).eval()

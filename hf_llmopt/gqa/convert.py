@@ -147,9 +147,7 @@ def build_converted_model(model: nn.Module, spec: ArchSpec, new_weights: list[At
     kept = {k: v for k, v in state.items() if k in target_state and target_state[k].shape == v.shape}
     missing, _ = new.load_state_dict(kept, strict=False)
     written = _written_names(spec, patched=not spec.attention.native)
-    leftover = [k for k in missing if k not in _tied_keys(new) and not (
-        k.startswith(attn_prefixes) and k[len(k.split(f".{spec.attention.module}.")[0]) + len(spec.attention.module)
-                                         + 2:].split(".")[0] in written)]
+    leftover = [k for k in missing if k not in _tied_keys(new) and _attention_child(k, attn_prefixes) not in written]
     if leftover:
         raise RuntimeError(f"conversion left weights uninitialised: {leftover[:5]}")
     dropped = sorted(k for k in set(state) - set(kept) if not k.startswith(attn_prefixes))
@@ -159,8 +157,16 @@ def build_converted_model(model: nn.Module, spec: ArchSpec, new_weights: list[At
     for i, layer in enumerate(get_decoder_layers(new, spec)):
         write_attention(get_attention(layer, spec), spec.attention, new_weights[i], patched=not spec.attention.native)
     new.tie_weights()
-    new.eval() if not model.training else new.train()
+    new.train(model.training)
     return new
+
+
+def _attention_child(key: str, attn_prefixes: tuple[str, ...]) -> str | None:
+    """``k_proj`` for ``model.layers.3.self_attn.k_proj.weight``; ``None`` outside attention blocks."""
+    for prefix in attn_prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix):].split(".")[0]
+    return None
 
 
 def _written_names(spec: ArchSpec, patched: bool) -> set[str]:
