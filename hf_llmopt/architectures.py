@@ -183,16 +183,17 @@ def register_arch_spec(spec: ArchSpec, overwrite: bool = False) -> ArchSpec:
 
 for _spec in (
     # Native GQA families: transformers' attention class reads config.num_key_value_heads.
-    *(_llama_like(t) for t in ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "olmo", "helium",
+    *(_llama_like(t) for t in ("llama", "mistral", "qwen2", "gemma", "gemma2", "granite", "olmo",
                                "smollm3", "ministral", "mixtral", "qwen2_moe")),
     ArchSpec("starcoder2", mlp=MLPSpec(gate=None, up="c_fc", down="c_proj")),
-    ArchSpec("glm", mlp=MLPSpec(gate=None, gate_up="gate_up_proj")),
+    _llama_like("helium", rope="interleaved"),
+    ArchSpec("glm", attention=AttentionSpec(rope="interleaved"), mlp=MLPSpec(gate=None, gate_up="gate_up_proj")),
     _llama_like("qwen3", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
     _llama_like("qwen3_moe", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
     _llama_like("gemma3_text", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
     _llama_like("exaone4", kv_norm="k_norm", kv_norm_layout="shared", q_norm="q_norm"),
     _llama_like("olmo2", kv_norm="k_norm", kv_norm_layout="flat", q_norm="q_norm"),
-    _llama_like("cohere", kv_norm="k_norm", kv_norm_layout="per_head", q_norm="q_norm"),
+    _llama_like("cohere", kv_norm="k_norm", kv_norm_layout="per_head", q_norm="q_norm", rope="interleaved"),
     _llama_like("stablelm", kv_norm="k_layernorm", kv_norm_layout="module_list", q_norm="q_layernorm"),
     ArchSpec("phi", attention=AttentionSpec(o="dense", kv_norm="k_layernorm", kv_norm_layout="shared",
                                             q_norm="q_layernorm"),

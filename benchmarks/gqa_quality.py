@@ -1,0 +1,95 @@
+"""Held-out perplexity of the real model converted 3 -> 1 KV heads (MQA), per conversion method.
+
+Held-out chat text: the last ``--held-out-rows`` rows of GSM8K train, chat-formatted (calibration never sees them: by
+default it samples its own text from the model). Prose: ``benchmarks/data/prose.txt`` (original English prose written
+for this benchmark). Prints a table and writes ``benchmarks/results/gqa_quality.json``.
+
+    python benchmarks/gqa_quality.py --layerwise-minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hf_llmopt import convert_to_gqa, load_default_model
+from hf_llmopt._compat import library_versions
+from hf_llmopt.data import load_records, pack_token_blocks, token_blocks
+from hf_llmopt.evaluation import perplexity
+
+HERE = Path(__file__).resolve().parent
+GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k_train.jsonl"
+PROSE = HERE / "data" / "prose.txt"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gsm8k", default=str(GSM8K))
+    p.add_argument("--held-out-rows", type=int, default=500)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--num-key-value-heads", type=int, default=1)
+    p.add_argument("--methods", default="mean,data_aware_values,data_aware",
+                   help="comma-separated conversion methods; data_aware+layerwise is added by --layerwise-minutes")
+    p.add_argument("--layerwise-minutes", type=float, default=5.0, help="0 skips the layer-wise run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "gqa_quality.json"))
+    return p
+
+
+def main(argv=None) -> dict:
+    args = make_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_default_model()
+    chat_rows = load_records(args.gsm8k)[-args.held_out_rows:]
+    eval_sets = {
+        "chat (GSM8K held-out)": token_blocks(chat_rows, tokenizer, num_tokens=args.eval_tokens, seq_len=args.seq_len),
+        "prose": pack_token_blocks([PROSE.read_text(encoding="utf-8")], tokenizer, args.seq_len, args.eval_tokens),
+    }
+
+    def evaluate(m) -> dict:
+        return {name: perplexity(m, blocks) for name, blocks in eval_sets.items()}
+
+    rows = [{"method": "original", "num_key_value_heads": model.config.num_key_value_heads,
+             "conversion_seconds": 0.0, **evaluate(model)}]
+    runs = [(m, {}) for m in args.methods.split(",") if m]
+    if args.layerwise_minutes > 0:
+        runs.append(("data_aware", {"layerwise_calibration": True, "layerwise_minutes": args.layerwise_minutes}))
+    for method, extra in runs:
+        start = time.perf_counter()
+        converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
+        seconds = time.perf_counter() - start
+        name = method + (f" + layer-wise {args.layerwise_minutes:g} min" if extra else "")
+        rows.append({"method": name, "num_key_value_heads": args.num_key_value_heads,
+                     "conversion_seconds": round(seconds, 1), **evaluate(converted)})
+        print(json.dumps(rows[-1]), flush=True)
+        del converted
+
+    base = rows[0]
+    for row in rows:
+        for name in eval_sets:
+            row[f"{name} / original"] = row[name] / base[name]
+    result = {
+        "settings": vars(args), "eval_tokens": {k: int(v.numel()) for k, v in eval_sets.items()},
+        "prose_source": "benchmarks/data/prose.txt: original English prose written for this benchmark",
+        "machine": {"platform": platform.platform(), "threads": args.threads},
+        "library_versions": library_versions(), "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    names = list(eval_sets)
+    print(f"\n| method | KV heads | {' | '.join(names)} | {' | '.join(n + ' / original' for n in names)} | seconds |")
+    print("|---|---|" + "---|" * (2 * len(names) + 1))
+    for r in rows:
+        cells = [f"{r[n]:.2f}" for n in names] + [f"{r[n + ' / original']:.2f}x" for n in names]
+        print(f"| {r['method']} | {r['num_key_value_heads']} | {' | '.join(cells)} | {r['conversion_seconds']} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()

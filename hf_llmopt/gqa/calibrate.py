@@ -1,0 +1,207 @@
+"""Layer-wise calibration: fit each converted attention block to reproduce the original block.
+
+After a conversion, every attention block of the converted model is trained on its own (Adam on its q/k/v/o
+projections only, no end-to-end backward) to map the ORIGINAL model's block inputs to the ORIGINAL block's
+outputs. Inputs and targets are captured in one forward pass of the original model; each block is then called
+through its own ``forward`` with the captured ``hidden_states``, ``position_embeddings`` and ``attention_mask``,
+so whatever the family does inside attention (RoPE variants, norms, soft-capping, ALiBi) is respected.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..architectures import ArchSpec
+from .convert import get_attention, get_decoder_layers
+from .statistics import calibration_blocks
+
+logger = logging.getLogger(__name__)
+
+# Keyword arguments of an attention call that must not be replayed: caches are per call, and the replay wants
+# neither a cache nor the attention probabilities.
+_RESET_KWARGS = {"cache": None, "past_key_values": None, "layer_past": None, "use_cache": False,
+                 "output_attentions": False}
+# Captured activations are kept in fp32 up to this size and in bf16 beyond it.
+FP32_CAPTURE_BYTES = 1 << 30
+CAPTURE_BATCH_SIZE = 4
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _LayerData:
+    inputs: list = field(default_factory=list)  # hidden_states per batch
+    targets: list = field(default_factory=list)  # original block output per batch
+    calls: list = field(default_factory=list)  # (extra positional args, kwargs) per batch
+
+
+class _CaptureHook:
+    def __init__(self, data: _LayerData, dtype: torch.dtype, last: bool):
+        self.data, self.dtype, self.last = data, dtype, last
+
+    def __call__(self, module, args, kwargs, output):
+        if "hidden_states" in kwargs:
+            hidden, rest = kwargs["hidden_states"], args
+        else:
+            hidden, rest = args[0], args[1:]
+        out = output[0] if isinstance(output, tuple) else output
+        kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
+        self.data.inputs.append(hidden.detach().to(self.dtype))
+        self.data.targets.append(out.detach().to(self.dtype))
+        self.data.calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs))
+        if self.last:
+            raise _StopForward
+
+
+@torch.no_grad()
+def capture_block_io(model, spec: ArchSpec, blocks: torch.Tensor, batch_size: int = CAPTURE_BATCH_SIZE):
+    """Inputs, outputs and call arguments of every attention block of ``model`` over ``blocks``."""
+    layers = get_decoder_layers(model, spec)
+    hidden = model.config.get_text_config().hidden_size
+    size = blocks.numel() * hidden * len(layers) * 2 * 4
+    dtype = torch.float32 if size <= FP32_CAPTURE_BYTES else torch.bfloat16
+    data = [_LayerData() for _ in layers]
+    handles = [get_attention(layer, spec).register_forward_hook(_CaptureHook(d, dtype, i == len(layers) - 1),
+                                                                with_kwargs=True)
+               for i, (layer, d) in enumerate(zip(layers, data))]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            try:
+                model(input_ids=blocks[start:start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return data
+
+
+def trainable_parameters(attention: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
+    """The q/k/v/o projection parameters of one attention block (fused or separate, patched or native)."""
+    names = spec.attention.projection_names
+    if getattr(attention, "hf_llmopt_patched", False):
+        names = ("q_proj", "k_proj", "v_proj", spec.attention.o)
+    params = []
+    for name in names:
+        params.extend(getattr(attention, name).parameters())
+    return params
+
+
+def _block_output(attention: nn.Module, data: _LayerData, i: int) -> torch.Tensor:
+    rest, kwargs = data.calls[i]
+    dtype = next(attention.parameters()).dtype
+    out = attention(data.inputs[i].to(dtype), *rest, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def block_relative_mse(attention: nn.Module, data: _LayerData) -> float:
+    """``sum ||f(x) - y||^2 / sum ||y||^2`` over all captured batches of one block."""
+    err, norm = 0.0, 0.0
+    for i in range(len(data.inputs)):
+        target = data.targets[i].float()
+        err += float((_block_output(attention, data, i).float() - target).pow(2).sum())
+        norm += float(target.pow(2).sum())
+    return err / max(norm, 1e-30)
+
+
+def fit_block(attention: nn.Module, params: list[nn.Parameter], data: _LayerData, seconds: float, lr: float) -> int:
+    """Adam on ``params`` for ``seconds`` of wall time, cosine-decayed learning rate; returns the step count."""
+    scales = [float(t.float().pow(2).mean()) for t in data.targets]  # per-batch target energy
+    optimizer = torch.optim.Adam(params, lr=lr)
+    start = time.perf_counter()
+    steps = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * elapsed / seconds))
+        i = steps % len(data.inputs)
+        out = _block_output(attention, data, i).float()
+        loss = (out - data.targets[i].float()).pow(2).mean() / max(scales[i], 1e-30)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+
+
+def _head_dim(model, spec: ArchSpec) -> int:
+    attention = get_attention(get_decoder_layers(model, spec)[0], spec)
+    config = model.config.get_text_config()
+    return int(getattr(attention, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_data=None, tokenizer=None) -> dict:
+    """Fit every attention block of ``converted`` to the matching block of ``original`` on calibration inputs.
+
+    Each block gets an equal share of what is left of ``cfg.layerwise_minutes`` (capturing the activations counts
+    against the budget too). A block whose error did not go down keeps its closed-form weights.
+
+    Args:
+        original: the source model (not modified).
+        converted: the converted model, modified in place.
+        spec: the family's architecture entry.
+        cfg: a :class:`~hf_llmopt.gqa.config.GQAConfig` (``layerwise_minutes``, ``layerwise_lr``, calibration).
+        calibration_data, tokenizer: as for :func:`~hf_llmopt.gqa.convert.convert_to_gqa`.
+
+    Returns:
+        Statistics for the conversion record: per-layer relative MSE before/after, steps, seconds.
+    """
+    start = time.perf_counter()
+    deadline = start + 60.0 * cfg.layerwise_minutes
+    blocks = calibration_blocks(original, calibration_data, tokenizer, cfg, _head_dim(original, spec))
+    data = capture_block_io(original, spec, blocks)
+    layers = get_decoder_layers(converted, spec)
+    was_training = converted.training
+    converted.eval()  # no dropout: the fit targets the deterministic block
+    flags = {p: p.requires_grad for p in converted.parameters()}
+    per_layer = []
+    try:
+        for p in converted.parameters():
+            p.requires_grad_(False)
+        for index, (layer, layer_data) in enumerate(zip(layers, data)):
+            attention = get_attention(layer, spec)
+            params = trainable_parameters(attention, spec)
+            backup = [p.detach().clone() for p in params]
+            for p in params:
+                p.requires_grad_(True)
+            before = block_relative_mse(attention, layer_data)
+            share = max(0.0, deadline - time.perf_counter()) / (len(layers) - index)
+            steps = fit_block(attention, params, layer_data, share, cfg.layerwise_lr) if share > 0 else 0
+            after = block_relative_mse(attention, layer_data)
+            if not after < before:  # keep the closed form when the fit did not help (or diverged)
+                with torch.no_grad():
+                    for p, b in zip(params, backup):
+                        p.copy_(b)
+                after = before
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            per_layer.append({"layer": index, "initial_mse": before, "final_mse": after, "steps": steps})
+            logger.info("layer-wise calibration, layer %d: relative MSE %.4g -> %.4g in %d steps", index, before,
+                        after, steps)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        converted.train(was_training)
+    return {
+        "layerwise_calibration": True,
+        "layerwise_seconds": round(time.perf_counter() - start, 2),
+        "layerwise_steps": sum(r["steps"] for r in per_layer),
+        "layerwise_tokens": int(blocks.numel()),
+        "layerwise_lr": cfg.layerwise_lr,
+        "layerwise_layers": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+                             for r in per_layer],
+    }

@@ -1,0 +1,236 @@
+"""Calibration statistics of attention blocks, collected with forward hooks on the original model.
+
+One forward pass over the calibration blocks, with eager attention so that every block returns its attention
+probabilities (whatever the family does to get them: scaling, soft-capping, sliding windows, ALiBi), accumulates
+per layer (legend in :mod:`hf_llmopt.gqa.data_aware`)::
+
+    input_moment   (P, P)     E[x x^T],  x = [hidden_states; 1] the normed input of the attention block
+    value_moments  (H, U, U)  E[z_h z_h^T],  z_h(t) = sum_u A_h(t, u) [V x(u); 1]   (U = KV * d + 1)
+
+``input_moment`` is all the key fit needs (query energies and key errors are quadratic forms in it);
+``value_moments`` keep the attention-mixed inputs of each query head in the span of the original value
+projections, where the optimal shared value projection lies, so they stay small (193 x 193 for SmolLM2 instead
+of 577 x 577 per head). Memory is bounded by these moments, whatever the number of calibration tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._compat import rope_parameters
+from ..architectures import ArchSpec
+from ..data import DataTooShortError, token_blocks
+from .layout import AttentionWeights
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionProbabilitiesUnavailable(NotImplementedError):
+    """The family's attention module does not return its attention probabilities, even in eager mode."""
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: nothing after the last attention block is needed."""
+
+
+@dataclass
+class LayerStatistics:
+    input_moment: torch.Tensor  # (P, P) float64
+    value_moments: torch.Tensor  # (H, U, U) float64
+    tokens: int = 0
+
+
+def minimum_calibration_tokens(head_dim: int) -> int:
+    """Fewest calibration tokens accepted: ``max(512, 4 * head_dim)``.
+
+    The fits invert second moments of head_dim-sized projections (per head, per group); with fewer samples than a
+    few times their size the estimates are rank-deficient noise, and the "data-aware" fit would overfit it.
+    """
+    return max(512, 4 * head_dim)
+
+
+def calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim: int) -> torch.Tensor:
+    """``(N, T)`` calibration token ids from any data source (``None``: text sampled from the model itself).
+
+    Raises:
+        ValueError: ``calibration_data`` is ``None`` and no tokenizer was given (sampling needs one).
+        DataTooShortError: fewer than :func:`minimum_calibration_tokens` tokens.
+    """
+    if calibration_data is None and tokenizer is None:
+        raise ValueError(
+            "data-aware GQA conversion needs calibration text: pass tokenizer= (the default calibration data is "
+            "chat text sampled from the model itself) or calibration_data= (texts, a dataset, a file or token ids)"
+        )
+    need = minimum_calibration_tokens(head_dim)
+    try:
+        blocks = token_blocks(calibration_data, tokenizer, model=model, num_tokens=cfg.calibration_tokens,
+                              seq_len=cfg.calibration_seq_len, seed=cfg.seed, min_tokens=need)
+    except DataTooShortError as err:
+        raise DataTooShortError(
+            f"data-aware GQA conversion needs at least {need} calibration tokens (max(512, 4 * head_dim)) for "
+            f"stable second-moment estimates: {err}"
+        ) from err
+    if blocks.numel() < need:
+        raise DataTooShortError(
+            f"data-aware GQA conversion needs at least {need} calibration tokens (max(512, 4 * head_dim)) for "
+            f"stable second-moment estimates; the calibration data holds {blocks.numel()}"
+        )
+    max_blocks = max(1, -(-cfg.calibration_tokens // blocks.shape[1]))
+    return blocks[:max_blocks]
+
+
+def rotary_dim(config, head_dim: int, rope: str) -> int:
+    """How many leading head dimensions RoPE rotates (partial rotary: phi, stablelm, gpt_neox, gptj, glm)."""
+    if rope == "none":
+        return 0
+    explicit = getattr(config, "rotary_dim", None)  # gptj
+    if explicit:
+        return int(explicit)
+    params = rope_parameters(config)
+    nested = [v for v in params.values() if isinstance(v, dict)]  # per layer type (gemma3)
+    factor = params.get("partial_rotary_factor")
+    for sub in nested:
+        factor = factor if factor is not None else sub.get("partial_rotary_factor")
+    for name in ("partial_rotary_factor", "rotary_pct"):
+        factor = factor if factor is not None else getattr(config, name, None)
+    dim = int(head_dim * (1.0 if factor is None else float(factor)))
+    return dim - dim % 2
+
+
+def query_positions(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """``(N, T)`` float mask of the positions whose statistics count: all but trailing padding.
+
+    Self-sampled blocks end with padding after a short reply; the first token of that run is kept (with
+    ``pad == eos`` it is the model's own end of turn).
+    """
+    mask = torch.ones(blocks.shape, dtype=torch.float32)
+    if pad_token_id is None:
+        return mask
+    is_pad = blocks == pad_token_id
+    trailing = is_pad.flip(-1).cumprod(-1).flip(-1).bool()  # pad from here to the end
+    run_start = trailing & ~torch.cat([torch.zeros_like(trailing[:, :1]), trailing[:, :-1]], dim=1)
+    mask[trailing & ~run_start] = 0.0
+    return mask
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Temporarily run ``model`` with eager attention, which returns the attention probabilities."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    switch = previous not in (None, "eager")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(previous)
+
+
+def value_stack(w: AttentionWeights) -> torch.Tensor:
+    """``(U, P)`` map from ``x = [hidden; 1]`` to ``[V x; 1]``: every KV head's value rows (with bias) and a 1."""
+    kv, d, dim = w.v_weight.shape
+    bias = w.v_bias if w.v_bias is not None else w.v_weight.new_zeros(kv, d)
+    rows = torch.cat([w.v_weight, bias[..., None]], dim=-1).reshape(kv * d, dim + 1)
+    const = torch.zeros(1, dim + 1, dtype=rows.dtype)
+    const[0, -1] = 1.0
+    return torch.cat([rows, const])
+
+
+class _StatisticsHook:
+    def __init__(self, weights: AttentionWeights, stats: LayerStatistics, last: bool, family: str):
+        self.values = value_stack(weights)
+        self.stats = stats
+        self.last = last
+        self.family = family
+        self.mask: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, module, args, kwargs, output):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 4:
+            raise AttentionProbabilitiesUnavailable(
+                f"the {self.family!r} attention module does not return its attention probabilities in eager mode, "
+                "which the data-aware fits need"
+            )
+        x = hidden.float()
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)  # (B, T, P)
+        mask = self.mask[..., None]  # (B, T, 1)
+        flat = x.reshape(-1, x.shape[-1])
+        self.stats.input_moment += ((flat * mask.reshape(-1, 1)).T @ flat).double()
+        values = x @ self.values.T  # (B, T, U)
+        mixed = probs.float() @ values[:, None]  # (B, H, T, U): z_h(t)
+        heads = mixed.shape[1]
+        mixed = mixed.transpose(0, 1).reshape(heads, -1, mixed.shape[-1])  # (H, B*T, U)
+        weighted = mixed * mask.reshape(1, -1, 1)
+        self.stats.value_moments += torch.bmm(weighted.transpose(1, 2), mixed).double()
+        self.stats.tokens += int(self.mask.sum())
+        if self.last:
+            raise _StopForward
+
+
+@torch.no_grad()
+def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionWeights], blocks: torch.Tensor,
+                                 batch_size: int = 8, pad_token_id: int | None = None) -> list[LayerStatistics]:
+    """Second moments of every attention block of ``model`` over ``blocks`` (see the module docstring).
+
+    Args:
+        model: the original causal LM (left as it was; its attention implementation is restored).
+        spec: its architecture entry.
+        weights: its canonical attention weights per layer (fp32), used to map inputs into value space.
+        blocks: ``(N, T)`` token ids.
+        pad_token_id: trailing runs of this token are left out (see :func:`query_positions`).
+
+    Raises:
+        AttentionProbabilitiesUnavailable: the family's attention does not expose its probabilities.
+    """
+    from tqdm.auto import tqdm
+
+    from .convert import get_attention, get_decoder_layers
+
+    layers = get_decoder_layers(model, spec)
+    dim = weights[0].q_weight.shape[-1] + 1
+    units = weights[0].v_weight.shape[0] * weights[0].head_dim + 1
+    heads = weights[0].num_heads
+    stats = [LayerStatistics(torch.zeros(dim, dim, dtype=torch.float64),
+                             torch.zeros(heads, units, units, dtype=torch.float64)) for _ in layers]
+    hooks = [_StatisticsHook(w, s, last=i == len(layers) - 1, family=model.config.model_type)
+             for i, (w, s) in enumerate(zip(weights, stats))]
+    masks = query_positions(blocks, pad_token_id)
+    handles = [get_attention(layer, spec).register_forward_hook(hook, with_kwargs=True)
+               for layer, hook in zip(layers, hooks)]
+    was_training = model.training
+    model.eval()
+    try:
+        with eager_attention(model):
+            for start in tqdm(range(0, blocks.shape[0], batch_size), desc="Collecting GQA calibration statistics",
+                              unit="batch"):
+                for hook in hooks:
+                    hook.mask = masks[start:start + batch_size]
+                try:
+                    model(input_ids=blocks[start:start + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    for s in stats:
+        s.input_moment /= max(s.tokens, 1)
+        s.value_moments /= max(s.tokens, 1)
+    return stats
+
+
+def has_qk_norm(model, spec: ArchSpec) -> bool:
+    """Whether the attention blocks normalise queries or keys after projection (qwen3, olmo2, phi with qk norm)."""
+    from .convert import get_attention, get_decoder_layers
+
+    attention = get_attention(get_decoder_layers(model, spec)[0], spec)
+    names = [n for n in (spec.attention.kv_norm, spec.attention.q_norm) if n]
+    return any(isinstance(getattr(attention, n, None), nn.Module) for n in names)
