@@ -1,0 +1,177 @@
+"""Uptraining SmolLM2-135M-Instruct converted 3 -> 1 KV heads (MQA): held-out perplexity against CPU-minutes.
+
+Each configuration is one :func:`hf_llmopt.uptrain.uptrain` run from the same converted start (``--init``) on the
+same data, with the same time budget. The script writes what it measured (every held-out evaluation with its step,
+training minutes and tokens seen) to ``--out`` (JSON) and a plot next to it. Target of issue 3: held-out perplexity
+within 25% of the original model's after at most 30 minutes of training on a 2-core CPU.
+
+Configurations are ``objective:trainable`` with an optional ``@learning_rate``, e.g. ``layerwise+distill:all@1e-4``.
+The x axis of the plot is the compute spent after the conversion: layer-wise stage plus end-to-end training, with
+held-out evaluation excluded (the conversion's own seconds are in the JSON).
+
+Full measurement (an otherwise idle machine; each configuration takes about 35 minutes of wall time)::
+
+    python benchmarks/uptrain_gqa.py --init data_aware --threads 2 --max-minutes 30 \
+        --out benchmarks/results/uptrain_gqa_data_aware.json
+    python benchmarks/uptrain_gqa.py --init mean --threads 2 --max-minutes 30 \
+        --configs layerwise+distill:attention,layerwise+distill:all --out benchmarks/results/uptrain_gqa_mean.json
+
+Smoke run (about 9 minutes per configuration on one thread)::
+
+    python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 3 --eval-every-minutes 1 \
+        --configs layerwise+distill:attention --eval-tokens 2048 --train-tokens 65536 --quiet \
+        --out benchmarks/results/uptrain_gqa_smoke_data_aware_attention.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hf_llmopt import convert_to_gqa, load_default_model
+from hf_llmopt._compat import library_versions
+from hf_llmopt.uptrain import uptrain
+
+DEFAULT_DATA = "/work/shared/data/gsm8k_train.jsonl"
+DEFAULT_CONFIGS = ("layerwise+distill:attention", "layerwise+distill:all", "distill:attention",
+                   "layerwise+next_token:attention", "layerwise+distill:lora@1e-3")
+DEFAULT_LR = 1e-4
+
+
+def parse_configuration(text: str) -> dict:
+    spec, _, lr = text.partition("@")
+    objective, _, trainable = spec.partition(":")
+    return {"name": text, "objective": objective, "trainable": trainable or "all",
+            "learning_rate": float(lr) if lr else DEFAULT_LR}
+
+
+def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path) -> dict:
+    start = time.perf_counter()
+    result = uptrain(
+        copy.deepcopy(student), tokenizer=tokenizer, teacher=teacher, objective=conf["objective"],
+        trainable=conf["trainable"], learning_rate=conf["learning_rate"], dataset=args.dataset,
+        train_tokens=args.train_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len,
+        per_device_train_batch_size=args.batch_size, max_minutes=args.max_minutes,
+        eval_every_minutes=args.eval_every_minutes, eval_steps=10**9, save_strategy="no",
+        layerwise_minutes=args.layerwise_minutes, layerwise_tokens=args.layerwise_tokens,
+        output_dir=str(workdir / conf["name"].replace(":", "_").replace("+", "_").replace("@", "_")),
+        num_train_epochs=100, logging_steps=5, disable_tqdm=args.quiet, seed=args.seed,
+    )
+    evals = [{"step": e["step"], "train_minutes": e["train_minutes"], "tokens_seen": e["tokens_seen"],
+              "perplexity": e["eval_perplexity"], "kl": e.get("eval_kl")}
+             for e in result.log_history if "eval_perplexity" in e]
+    losses = [{"step": e["step"], "train_minutes": e["train_minutes"], "loss": e["loss"]}
+              for e in result.log_history if "loss" in e and "train_minutes" in e]
+    m = result.metrics
+    layerwise_minutes = m.get("layerwise_seconds", 0.0) / 60
+    for e in evals:  # compute spent since the conversion: the layer-wise stage, then end-to-end training
+        e["compute_minutes"] = round(layerwise_minutes + e["train_minutes"], 3)
+    return {**conf, "metrics": m, "evaluations": evals, "losses": losses,
+            "compute_minutes": round(layerwise_minutes + m["train_minutes"], 3),
+            "wall_minutes_total": round((time.perf_counter() - start) / 60, 2),
+            "perplexity_ratio_to_teacher": m["perplexity_after"] / m["perplexity_teacher"]}
+
+
+def plot(runs: list[dict], teacher_ppl: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        points = [(0.0, run["metrics"]["perplexity_init"])]
+        points += [(e["compute_minutes"], e["perplexity"]) for e in run["evaluations"]]
+        ax.plot(*zip(*points), marker="o", label=run["name"])
+    ax.axhline(teacher_ppl, color="gray", linestyle="--", label="original (3 KV heads)")
+    ax.axhline(1.25 * teacher_ppl, color="gray", linestyle=":", label="target: +25%")
+    ax.set_yscale("log")
+    ax.set_xlabel("minutes of layer-wise fit + end-to-end training (evaluation and conversion excluded)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--init", choices=("mean", "data_aware"), default="mean")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help="comma-separated objective:trainable[@lr]")
+    parser.add_argument("--max-minutes", type=float, default=30.0, help="training budget per configuration")
+    parser.add_argument("--eval-every-minutes", type=float, default=None, help="default: max-minutes / 6")
+    parser.add_argument("--layerwise-minutes", type=float, default=2.0)
+    parser.add_argument("--layerwise-tokens", type=int, default=4096)
+    parser.add_argument("--dataset", default=DEFAULT_DATA, help="a json/jsonl/txt file or datasets name; "
+                        "'self' samples text from the original model")
+    parser.add_argument("--train-tokens", type=int, default=262144)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", default="benchmarks/results/uptrain_gqa.json")
+    args = parser.parse_args(argv)
+    args.dataset = None if args.dataset == "self" else args.dataset
+    args.eval_every_minutes = args.eval_every_minutes or args.max_minutes / 6
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    teacher, tokenizer = load_default_model()
+    teacher.eval()
+    start = time.perf_counter()
+    calibration = None
+    if args.init == "data_aware":  # calibrated on the training data, as uptrain(..., init="data_aware") does
+        from hf_llmopt.data import token_blocks
+
+        calibration = token_blocks(args.dataset, tokenizer, model=teacher, num_tokens=12288, seq_len=args.seq_len)
+    student = convert_to_gqa(teacher, 1, method=args.init, calibration_data=calibration, tokenizer=tokenizer)
+    conversion_seconds = time.perf_counter() - start
+
+    runs = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="uptrain-bench-") as tmp:
+        for text in args.configs.split(","):
+            conf = parse_configuration(text.strip())
+            print(f"=== {conf['name']} (init {args.init}, {args.max_minutes:g} training minutes)", flush=True)
+            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp))
+            runs.append(run)
+            m = run["metrics"]
+            layerwise = f"{m['layerwise_seconds'] / 60:.1f} layer-wise + " if "layerwise_seconds" in m else ""
+            print(f"--- {conf['name']}: held-out perplexity {m['perplexity_init']:.3f} (converted) -> "
+                  f"{m['perplexity_after']:.3f} (KL {m.get('kl_after', float('nan')):.3f}) after {layerwise}"
+                  f"{m['train_minutes']:.1f} training minutes ({m['tokens_seen']:,} tokens, {m['steps']} steps); "
+                  f"original {m['perplexity_teacher']:.3f}; ratio {run['perplexity_ratio_to_teacher']:.3f}; "
+                  f"wall {run['wall_minutes_total']:.1f} min with evaluations", flush=True)
+    teacher_ppl = runs[0]["metrics"]["perplexity_teacher"]
+    results = {
+        "benchmark": "uptrain_gqa", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "kv_heads": "3 -> 1",
+        "init": args.init, "conversion_seconds": round(conversion_seconds, 1),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.processor()}",
+        "versions": library_versions(), "perplexity_original": teacher_ppl,
+        "target_perplexity": 1.25 * teacher_ppl,
+        "runs": runs,
+        "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
+    }
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot(runs, teacher_ppl, out.with_suffix(".png"),
+         f"SmolLM2-135M MQA (init {args.init}): {args.max_minutes:g} min/config, {torch.get_num_threads()} threads")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
