@@ -43,7 +43,7 @@ class GQAConfig:
     layerwise_calibration: bool = field(default=False, metadata={"help": "Fit each converted attention block "
                                         "to the original block's output after the closed form."})
     layerwise_minutes: float = field(default=5.0, metadata={"help": "Budget of the layer-wise stage, minutes."})
-    layerwise_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the layer-wise stage."})
+    layerwise_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the layer-wise stage."})
     group_by_similarity: bool = field(default=True, metadata={"help": "Group similar KV heads (G > 1, "
                                       "data-aware methods)."})
     seed: int = field(default=0, metadata={"help": "Seed of calibration sampling."})

@@ -241,6 +241,13 @@ def convert_to_gqa(
         new_weights, extra = DATA_AWARE_METHODS[method](
             model, spec, weights, num_key_value_heads, cfg, calibration_data, tokenizer
         )
+        # A closed-form fit can leave query/key and value/output pairs far out of balance (o_proj 10-50x the
+        # original's RMS on SmolLM2), which makes Adam diverge in the layer-wise stage and in uptraining.
+        # Rebalancing is exact: the converted model computes the same function.
+        from .balance import balance_attention_weights
+
+        scale_keys = spec.attention.kv_norm is None and spec.attention.q_norm is None
+        new_weights = [balance_attention_weights(w, scale_keys) for w in new_weights]
 
     record = {
         "method": method,

@@ -5,7 +5,7 @@ weights, the attention blocks, or LoRA adapters merged at the end. Runs under ``
 """
 
 from .api import UptrainResult, prepare_data, uptrain
-from .balance import balance_attention_scales, balance_attention_weights
+from ..gqa.balance import balance_attention_scales, balance_attention_weights
 from .callbacks import plot_history
 from .config import OBJECTIVE_TERMS, TRAINABLE_CHOICES, UptrainConfig, parse_objective
 from .trainable import add_lora, merge_lora, resolve_lora_targets, select_trainable

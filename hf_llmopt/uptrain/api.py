@@ -29,7 +29,7 @@ from ..evaluation import kl_to_reference, perplexity
 from ..gqa.config import GQAConfig
 from ..gqa.convert import CONFIG_RECORD_KEY, convert_to_gqa, get_decoder_layers, num_heads_of
 from ..models import load_causal_lm
-from .balance import balance_attention_scales
+from ..gqa.balance import balance_attention_scales
 from .callbacks import CurvesCallback, TrainingClockCallback
 from .card import card_context
 from .config import UptrainConfig

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec, get_arch_spec
-from ..gqa.convert import get_attention, get_decoder_layers, num_heads_of
-from ..gqa.layout import AttentionWeights, read_attention, write_attention
+from .convert import get_attention, get_decoder_layers, num_heads_of
+from .layout import AttentionWeights, read_attention, write_attention
 
 
 def _rms(t: torch.Tensor, dims) -> torch.Tensor:
