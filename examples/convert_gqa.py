@@ -18,14 +18,13 @@ from hf_llmopt.gqa.api import ConvertGQAArguments, convert_and_save
 from hf_llmopt.gqa.config import GQAConfig
 
 
-def make_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((ConvertGQAArguments, GQAConfig))
-    parser.set_defaults(output_dir="outputs/smollm2-mqa", num_key_value_heads=1, method="auto")
-    return parser
+# This example's defaults; any flag given on the command line comes later and wins.
+DEFAULT_FLAGS = ["--output_dir", "outputs/smollm2-mqa", "--num_key_value_heads", "1", "--method", "auto"]
 
 
 def main(argv=None) -> dict:
-    args, gqa = make_parser().parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((ConvertGQAArguments, GQAConfig))
+    args, gqa = parser.parse_args_into_dataclasses(DEFAULT_FLAGS + list(argv if argv is not None else sys.argv[1:]))
     results = convert_and_save(args, gqa)
     print(json.dumps(results, indent=2))
     return results

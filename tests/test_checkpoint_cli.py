@@ -111,3 +111,19 @@ def test_json_config_file(tiny_checkpoint, held_out, tmp_path):
                                "num_key_value_heads": 2, "eval_data": str(held_out), "eval_seq_len": 64}))
     assert main(["convert-gqa", str(cfg)]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_key_value_heads == 2
+
+
+def test_example_runs_with_its_defaults(tiny_checkpoint, held_out, tmp_path, monkeypatch):
+    """examples/convert_gqa.py: MQA + the recommended method by default; flags override."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "convert_gqa.py"
+    spec = importlib.util.spec_from_file_location("convert_gqa_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--model", str(tiny_checkpoint), "--output_dir", str(tmp_path / "ex"),
+                            "--eval_data", str(held_out), "--eval_seq_len", "64", "--calibration_data",
+                            str(held_out), "--calibration_tokens", "1024", "--calibration_seq_len", "64"])
+    assert results["num_key_value_heads"] == 1 and results["method"] == "data_aware"
+    assert (tmp_path / "ex" / "README.md").is_file()
