@@ -14,8 +14,8 @@ from hf_llmopt.data import DataTooShortError
 from hf_llmopt.gqa import convert_to_gqa
 from hf_llmopt.gqa.calibrate import block_relative_mse, capture_block_io
 from hf_llmopt.gqa.convert import get_attention, get_decoder_layers, num_heads_of
-from hf_llmopt.gqa.data_aware import (
-    _augmented,
+from hf_llmopt.gqa.data_aware import _augmented
+from hf_llmopt.gqa.fits import (
     align_gauge,
     apply_pair_scales,
     complex_rank1_fit,

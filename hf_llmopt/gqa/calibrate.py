@@ -30,6 +30,9 @@ _RESET_KWARGS = {"cache": None, "past_key_values": None, "layer_past": None, "us
 # Captured activations are kept in fp32 up to this size and in bf16 beyond it.
 FP32_CAPTURE_BYTES = 1 << 30
 CAPTURE_BATCH_SIZE = 4
+# Weight each position's error by 1 / (residual-stream energy): the next norm divides the block output by the
+# residual's RMS, so an error matters relative to it (SmolLM2's first token carries RMS ~1000 against ~6 elsewhere).
+TOKEN_WEIGHTING = True
 
 
 class _StopForward(Exception):
@@ -40,12 +43,19 @@ class _StopForward(Exception):
 class _LayerData:
     inputs: list = field(default_factory=list)  # hidden_states per batch
     targets: list = field(default_factory=list)  # original block output per batch
+    weights: list = field(default_factory=list)  # (B, T, 1) per-position loss weight per batch
     calls: list = field(default_factory=list)  # (extra positional args, kwargs) per batch
 
 
 class _CaptureHook:
-    def __init__(self, data: _LayerData, dtype: torch.dtype, last: bool):
+    def __init__(self, layer: nn.Module, data: _LayerData, dtype: torch.dtype, last: bool):
         self.data, self.dtype, self.last = data, dtype, last
+        self.residual: torch.Tensor | None = None
+        self.handle = layer.register_forward_pre_hook(self._keep_residual, with_kwargs=True)
+
+    def _keep_residual(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.residual = hidden.detach().float().pow(2).mean(-1)  # (B, T) residual-stream energy
 
     def __call__(self, module, args, kwargs, output):
         if "hidden_states" in kwargs:
@@ -56,6 +66,8 @@ class _CaptureHook:
         kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
         self.data.inputs.append(hidden.detach().to(self.dtype))
         self.data.targets.append(out.detach().to(self.dtype))
+        energy = torch.maximum(self.residual, out.detach().float().pow(2).mean(-1)) if TOKEN_WEIGHTING else None
+        self.data.weights.append(None if energy is None else (1.0 / energy.clamp_min(1e-12))[..., None])
         self.data.calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs))
         if self.last:
             raise _StopForward
@@ -69,9 +81,9 @@ def capture_block_io(model, spec: ArchSpec, blocks: torch.Tensor, batch_size: in
     size = blocks.numel() * hidden * len(layers) * 2 * 4
     dtype = torch.float32 if size <= FP32_CAPTURE_BYTES else torch.bfloat16
     data = [_LayerData() for _ in layers]
-    handles = [get_attention(layer, spec).register_forward_hook(_CaptureHook(d, dtype, i == len(layers) - 1),
-                                                                with_kwargs=True)
-               for i, (layer, d) in enumerate(zip(layers, data))]
+    hooks = [_CaptureHook(layer, d, dtype, i == len(layers) - 1) for i, (layer, d) in enumerate(zip(layers, data))]
+    handles = [get_attention(layer, spec).register_forward_hook(hook, with_kwargs=True)
+               for layer, hook in zip(layers, hooks)] + [hook.handle for hook in hooks]
     was_training = model.training
     model.eval()
     try:
@@ -105,20 +117,26 @@ def _block_output(attention: nn.Module, data: _LayerData, i: int) -> torch.Tenso
     return out[0] if isinstance(out, tuple) else out
 
 
+def _weighted_error(out: torch.Tensor, data: _LayerData, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum w ||f(x) - y||^2, sum w ||y||^2)`` of batch ``i``."""
+    target = data.targets[i].float()
+    weight = data.weights[i] if data.weights[i] is not None else 1.0
+    return (weight * (out.float() - target).pow(2)).sum(), (weight * target.pow(2)).sum()
+
+
 @torch.no_grad()
 def block_relative_mse(attention: nn.Module, data: _LayerData) -> float:
-    """``sum ||f(x) - y||^2 / sum ||y||^2`` over all captured batches of one block."""
+    """``sum w ||f(x) - y||^2 / sum w ||y||^2`` over all captured batches of one block (``w``: position weights)."""
     err, norm = 0.0, 0.0
     for i in range(len(data.inputs)):
-        target = data.targets[i].float()
-        err += float((_block_output(attention, data, i).float() - target).pow(2).sum())
-        norm += float(target.pow(2).sum())
+        e, n = _weighted_error(_block_output(attention, data, i), data, i)
+        err, norm = err + float(e), norm + float(n)
     return err / max(norm, 1e-30)
 
 
 def fit_block(attention: nn.Module, params: list[nn.Parameter], data: _LayerData, seconds: float, lr: float) -> int:
     """Adam on ``params`` for ``seconds`` of wall time, cosine-decayed learning rate; returns the step count."""
-    scales = [float(t.float().pow(2).mean()) for t in data.targets]  # per-batch target energy
+    scales = [float(_weighted_error(t, data, i)[1]) for i, t in enumerate(data.targets)]  # per-batch target energy
     optimizer = torch.optim.Adam(params, lr=lr)
     start = time.perf_counter()
     steps = 0
@@ -129,8 +147,7 @@ def fit_block(attention: nn.Module, params: list[nn.Parameter], data: _LayerData
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * elapsed / seconds))
         i = steps % len(data.inputs)
-        out = _block_output(attention, data, i).float()
-        loss = (out - data.targets[i].float()).pow(2).mean() / max(scales[i], 1e-30)
+        loss = _weighted_error(_block_output(attention, data, i), data, i)[0] / max(scales[i], 1e-30)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

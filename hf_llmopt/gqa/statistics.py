@@ -40,8 +40,9 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerStatistics:
-    input_moment: torch.Tensor  # (P, P) float64
-    value_moments: torch.Tensor  # (H, U, U) float64
+    input_moment: torch.Tensor  # (P, P) float64, over key positions
+    value_moments: torch.Tensor  # (H, U, U) float64, over query positions
+    query_moment: torch.Tensor  # (P, P) float64, over query positions
     tokens: int = 0
 
 
@@ -102,6 +103,27 @@ def rotary_dim(config, head_dim: int, rope: str) -> int:
     return dim - dim % 2
 
 
+def rotary_inv_freq(model, rotary_dim: int) -> torch.Tensor:
+    """``(rotary_dim // 2,)`` RoPE inverse frequencies: the model's own buffer (so scaled RoPE is respected), else
+    the default ``base ** (-2i / rotary_dim)`` from ``rope_theta``."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("inv_freq") and buffer.numel() == rotary_dim // 2:
+            return buffer.detach().double().flatten()
+    params = rope_parameters(model.config)
+    base = params.get("rope_theta") or getattr(model.config, "rope_theta", None) or 10000.0
+    return float(base) ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings`` and its aliases)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def query_positions(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """``(N, T)`` float mask of the positions whose statistics count: all but trailing padding.
 
@@ -142,8 +164,35 @@ def value_stack(w: AttentionWeights) -> torch.Tensor:
     return torch.cat([rows, const])
 
 
+# Weight each position by 1 / (residual stream energy): the next norm divides the attention output by the residual's
+# RMS, so an error matters relative to it. Without this the first token, whose residual carries "massive
+# activations" (RMS 1000 against 6 elsewhere in SmolLM2's middle layers), dominates every second moment.
+TOKEN_WEIGHTING = True
+
+
+class _ResidualScale:
+    """Keeps the per-position mean square of a decoder layer's input (the residual stream)."""
+
+    def __init__(self, layer: nn.Module):
+        self.energy: torch.Tensor | None = None
+        self.handle = layer.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.energy = hidden.detach().float().pow(2).mean(-1)  # (B, T)
+
+    def weights(self, mask: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``mask / max(residual energy, attention-output energy)`` per position, ``(B, T)``."""
+        if not TOKEN_WEIGHTING or self.energy is None:
+            return mask
+        energy = torch.maximum(self.energy, output.detach().float().pow(2).mean(-1))
+        return mask / energy.clamp_min(1e-12)
+
+
 class _StatisticsHook:
-    def __init__(self, weights: AttentionWeights, stats: LayerStatistics, last: bool, family: str):
+    def __init__(self, weights: AttentionWeights, stats: LayerStatistics, last: bool, family: str,
+                 scale: _ResidualScale):
+        self.scale = scale
         self.values = value_stack(weights)
         self.stats = stats
         self.last = last
@@ -161,14 +210,16 @@ class _StatisticsHook:
             )
         x = hidden.float()
         x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)  # (B, T, P)
-        mask = self.mask[..., None]  # (B, T, 1)
         flat = x.reshape(-1, x.shape[-1])
-        self.stats.input_moment += ((flat * mask.reshape(-1, 1)).T @ flat).double()
+        mask = self.mask.reshape(-1, 1)  # key positions: every real token counts the same
+        weight = self.scale.weights(self.mask, output[0])[..., None]  # query positions: (B, T, 1)
+        self.stats.input_moment += ((flat * mask).T @ flat).double()
+        self.stats.query_moment += ((flat * weight.reshape(-1, 1)).T @ flat).double()
         values = x @ self.values.T  # (B, T, U)
         mixed = probs.float() @ values[:, None]  # (B, H, T, U): z_h(t)
         heads = mixed.shape[1]
         mixed = mixed.transpose(0, 1).reshape(heads, -1, mixed.shape[-1])  # (H, B*T, U)
-        weighted = mixed * mask.reshape(1, -1, 1)
+        weighted = mixed * weight.reshape(1, -1, 1)
         self.stats.value_moments += torch.bmm(weighted.transpose(1, 2), mixed).double()
         self.stats.tokens += int(self.mask.sum())
         if self.last:
@@ -199,12 +250,14 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
     units = weights[0].v_weight.shape[0] * weights[0].head_dim + 1
     heads = weights[0].num_heads
     stats = [LayerStatistics(torch.zeros(dim, dim, dtype=torch.float64),
-                             torch.zeros(heads, units, units, dtype=torch.float64)) for _ in layers]
-    hooks = [_StatisticsHook(w, s, last=i == len(layers) - 1, family=model.config.model_type)
-             for i, (w, s) in enumerate(zip(weights, stats))]
+                             torch.zeros(heads, units, units, dtype=torch.float64),
+                             torch.zeros(dim, dim, dtype=torch.float64)) for _ in layers]
+    scales = [_ResidualScale(layer) for layer in layers]
+    hooks = [_StatisticsHook(w, s, last=i == len(layers) - 1, family=model.config.model_type, scale=sc)
+             for i, (w, s, sc) in enumerate(zip(weights, stats, scales))]
     masks = query_positions(blocks, pad_token_id)
     handles = [get_attention(layer, spec).register_forward_hook(hook, with_kwargs=True)
-               for layer, hook in zip(layers, hooks)]
+               for layer, hook in zip(layers, hooks)] + [sc.handle for sc in scales]
     was_training = model.training
     model.eval()
     try:
@@ -224,6 +277,7 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
     for s in stats:
         s.input_moment /= max(s.tokens, 1)
         s.value_moments /= max(s.tokens, 1)
+        s.query_moment /= max(s.tokens, 1)
     return stats
 
 
