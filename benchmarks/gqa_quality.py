@@ -1,8 +1,9 @@
 """Held-out perplexity of the real model converted 3 -> 1 KV heads (MQA), per conversion method.
 
 Held-out chat text: the last ``--held-out-rows`` rows of GSM8K train, chat-formatted (calibration never sees them: by
-default it samples its own text from the model; ``--calibration gsm8k`` takes the GSM8K rows before them). Prose: ``benchmarks/data/prose.txt`` (original English prose written
-for this benchmark). Prints a table and writes ``benchmarks/results/gqa_quality.json``.
+default it samples its own text from the model; ``--calibration gsm8k`` takes the GSM8K rows before them, ``mixed``
+both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for this benchmark).
+Prints a table and writes ``benchmarks/results/gqa_quality.json``.
 
     python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 1
     python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 1 --calibration gsm8k \
@@ -39,9 +40,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="mean,data_aware_values,data_aware",
                    help="comma-separated conversion methods; data_aware+layerwise is added by --layerwise-minutes")
     p.add_argument("--layerwise-minutes", type=float, default=5.0, help="0 skips the layer-wise run")
-    p.add_argument("--calibration", choices=("self", "gsm8k"), default="self",
+    p.add_argument("--calibration", choices=("self", "gsm8k", "mixed"), default="self",
                    help="calibration text of the data-aware methods: 'self' (the default of convert_to_gqa: text "
-                   "sampled from the model) or 'gsm8k' (GSM8K train rows before the held-out ones: in-domain)")
+                   "sampled from the model), 'gsm8k' (GSM8K train rows before the held-out ones: in-domain) or "
+                   "'mixed' (--calibration-tokens of each, concatenated)")
     p.add_argument("--calibration-tokens", type=int, default=12288)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "gqa_quality.json"))
@@ -58,10 +60,14 @@ def main(argv=None) -> dict:
         "prose": pack_token_blocks([PROSE.read_text(encoding="utf-8")], tokenizer, args.seq_len, args.eval_tokens),
     }
 
-    calibration = None
-    if args.calibration == "gsm8k":
+    calibration, calibration_tokens = None, args.calibration_tokens
+    if args.calibration in ("gsm8k", "mixed"):
         calibration = token_blocks(load_records(args.gsm8k)[:-args.held_out_rows], tokenizer,
                                    num_tokens=args.calibration_tokens, seq_len=args.seq_len)
+    if args.calibration == "mixed":
+        sampled = token_blocks(None, tokenizer, model=model, num_tokens=args.calibration_tokens, seq_len=args.seq_len)
+        calibration = torch.cat([sampled, calibration])
+        calibration_tokens = int(calibration.numel())
 
     def evaluate(m) -> dict:
         return {name: perplexity(m, blocks) for name, blocks in eval_sets.items()}
@@ -74,7 +80,7 @@ def main(argv=None) -> dict:
     for method, extra in runs:
         start = time.perf_counter()
         if method != "mean":
-            extra = {**extra, "calibration_data": calibration, "calibration_tokens": args.calibration_tokens}
+            extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens}
         converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
         seconds = time.perf_counter() - start
         name = method + (f" + layer-wise {args.layerwise_minutes:g} min" if "layerwise_calibration" in extra else "")

@@ -9,18 +9,16 @@ Configurations are ``objective:trainable`` with an optional ``@learning_rate``, 
 The x axis of the plot is the compute spent after the conversion: layer-wise stage plus end-to-end training, with
 held-out evaluation excluded (the conversion's own seconds are in the JSON).
 
-Full measurement (an otherwise idle machine; each configuration takes about 35 minutes of wall time)::
+Measurement behind the README table (one thread each, two such jobs side by side on the 2-core machine; each
+configuration takes its training minutes plus about 8 minutes of conversion, layer-wise stage and evaluations)::
 
-    python benchmarks/uptrain_gqa.py --init data_aware --threads 2 --max-minutes 30 \
-        --out benchmarks/results/uptrain_gqa_data_aware.json
-    python benchmarks/uptrain_gqa.py --init mean --threads 2 --max-minutes 30 \
-        --configs layerwise+distill:attention,layerwise+distill:all --out benchmarks/results/uptrain_gqa_mean.json
-
-Smoke run (about 9 minutes per configuration on one thread)::
-
-    python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 3 --eval-every-minutes 1 \
-        --configs layerwise+distill:attention --eval-tokens 2048 --train-tokens 65536 --quiet \
-        --out benchmarks/results/uptrain_gqa_smoke_data_aware_attention.json
+    python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 30 \
+        --configs layerwise+distill:attention --quiet --out benchmarks/results/uptrain_gqa_data_aware_30min.json
+    python benchmarks/uptrain_gqa.py --init mean --threads 1 --max-minutes 30 \
+        --configs layerwise+distill:attention --quiet --out benchmarks/results/uptrain_gqa_mean_30min.json
+    python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 15 \
+        --configs layerwise+next_token:attention,layerwise+distill:all,layerwise+distill:lora@1e-3 \
+        --quiet --out benchmarks/results/uptrain_gqa_data_aware_15min_compare.json
 """
 
 from __future__ import annotations
@@ -103,6 +101,25 @@ def plot(runs: list[dict], teacher_ppl: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_results(runs: list, args, conversion_seconds: float, out: Path) -> dict:
+    """JSON and plot of the configurations finished so far (written after each, so a crash loses none)."""
+    teacher_ppl = runs[0]["metrics"]["perplexity_teacher"]
+    results = {
+        "benchmark": "uptrain_gqa", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "kv_heads": "3 -> 1",
+        "init": args.init, "conversion_seconds": round(conversion_seconds, 1),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.processor()}",
+        "versions": library_versions(), "perplexity_original": teacher_ppl,
+        "target_perplexity": 1.25 * teacher_ppl,
+        "runs": runs,
+        "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
+    }
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot(runs, teacher_ppl, out.with_suffix(".png"),
+         f"SmolLM2-135M MQA (init {args.init}): {args.max_minutes:g} min/config, {torch.get_num_threads()} threads")
+    return results
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--init", choices=("mean", "data_aware"), default="mean")
@@ -148,6 +165,7 @@ def main(argv=None) -> dict:
             print(f"=== {conf['name']} (init {args.init}, {args.max_minutes:g} training minutes)", flush=True)
             run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp))
             runs.append(run)
+            results = write_results(runs, args, conversion_seconds, out)
             m = run["metrics"]
             layerwise = f"{m['layerwise_seconds'] / 60:.1f} layer-wise + " if "layerwise_seconds" in m else ""
             print(f"--- {conf['name']}: held-out perplexity {m['perplexity_init']:.3f} (converted) -> "
@@ -155,20 +173,6 @@ def main(argv=None) -> dict:
                   f"{m['train_minutes']:.1f} training minutes ({m['tokens_seen']:,} tokens, {m['steps']} steps); "
                   f"original {m['perplexity_teacher']:.3f}; ratio {run['perplexity_ratio_to_teacher']:.3f}; "
                   f"wall {run['wall_minutes_total']:.1f} min with evaluations", flush=True)
-    teacher_ppl = runs[0]["metrics"]["perplexity_teacher"]
-    results = {
-        "benchmark": "uptrain_gqa", "model": "HuggingFaceTB/SmolLM2-135M-Instruct", "kv_heads": "3 -> 1",
-        "init": args.init, "conversion_seconds": round(conversion_seconds, 1),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.processor()}",
-        "versions": library_versions(), "perplexity_original": teacher_ppl,
-        "target_perplexity": 1.25 * teacher_ppl,
-        "runs": runs,
-        "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
-    }
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    plot(runs, teacher_ppl, out.with_suffix(".png"),
-         f"SmolLM2-135M MQA (init {args.init}): {args.max_minutes:g} min/config, {torch.get_num_threads()} threads")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
 

@@ -1,15 +1,21 @@
 """The real default model (SmolLM2-135M-Instruct): loading, caching, MQA conversion. Marked slow; runs in CI."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from hf_llmopt import convert_to_gqa, load_default_model
+from hf_llmopt.data import load_records
+from hf_llmopt.uptrain import uptrain
 from hf_llmopt._compat import kv_cache_bytes
 from hf_llmopt.models import default_model_dir
 
 pytestmark = pytest.mark.slow
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_train.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +74,23 @@ def test_real_model_to_mqa(default_model):
     same = convert_to_gqa(model, 3)
     with torch.no_grad():
         torch.testing.assert_close(same(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_real_model_uptrain_recovers_mean_pooled_mqa(default_model, tmp_path):
+    """Six distillation steps on the attention of the mean-pooled MQA model (held-out perplexity ~10,000) at least
+    halve its perplexity (measured: 11,473 -> 3,621) and lower its KL (7.16 -> 6.04); the folder reloads natively
+    with the trained weights."""
+    model, tokenizer = default_model
+    result = uptrain(convert_to_gqa(model, 1), tokenizer=tokenizer, teacher=model,
+                     train_data=load_records(GSM8K)[:300], objective="distill", trainable="attention",
+                     max_steps=6, learning_rate=1e-3, warmup_steps=0, seq_len=128, train_tokens=4096,
+                     eval_tokens=512, per_device_train_batch_size=4, logging_steps=1, eval_steps=100,
+                     save_strategy="no", disable_tqdm=True, output_dir=str(tmp_path / "out"))
+    m = result.metrics
+    assert m["steps"] == 6 and m["tokens_seen"] == 6 * 4 * 128
+    assert m["perplexity_init"] > 100 * m["perplexity_teacher"]  # mean pooling: the model is unusable
+    assert m["perplexity_after"] < 0.5 * m["perplexity_init"] and m["kl_after"] < 0.9 * m["kl_init"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = tokenizer("Natalia sold clips to 48 of her friends", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)

@@ -14,8 +14,10 @@ from ..architectures import ArchSpec, get_arch_spec
 from ..gqa.convert import get_attention, get_decoder_layers
 from .config import LORA_TARGET_PRESETS
 
-# Largest |merged - unmerged| logit difference accepted, relative to the largest |logit| (fp32 rounding only).
-MERGE_TOLERANCE = 1e-5
+# Largest |merged - unmerged| logit difference accepted, relative to the largest |logit|: fp32 rounding only, which
+# grows with depth (tiny 2-layer models stay under 1e-5; the 30-layer SmolLM2 after 15 minutes of LoRA at lr 1e-3
+# measured 2.2e-5).
+MERGE_TOLERANCE = 1e-4
 
 
 def _is_linear(module: nn.Module) -> bool:
