@@ -19,7 +19,7 @@ from torch import nn
 
 from ..architectures import ArchSpec
 from .convert import get_attention, get_decoder_layers
-from .statistics import calibration_blocks
+from .statistics import _ResidualScale, _StopForward, calibration_blocks, forward_batches
 
 logger = logging.getLogger(__name__)
 
@@ -30,32 +30,23 @@ _RESET_KWARGS = {"cache": None, "past_key_values": None, "layer_past": None, "us
 # Captured activations are kept in fp32 up to this size and in bf16 beyond it.
 FP32_CAPTURE_BYTES = 1 << 30
 CAPTURE_BATCH_SIZE = 4
-# Weight each position's error by 1 / (residual-stream energy): the next norm divides the block output by the
-# residual's RMS, so an error matters relative to it (SmolLM2's first token carries RMS ~1000 against ~6 elsewhere).
-TOKEN_WEIGHTING = True
-
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
 class _LayerData:
     inputs: list = field(default_factory=list)  # hidden_states per batch
     targets: list = field(default_factory=list)  # original block output per batch
-    weights: list = field(default_factory=list)  # (B, T, 1) per-position loss weight per batch
+    # (B, T, 1) per-position loss weight per batch: 1 / residual-stream energy (statistics.TOKEN_WEIGHTING), since the
+    # next norm divides the block output by the residual's RMS (SmolLM2's first token: RMS ~1000 against ~6)
+    weights: list = field(default_factory=list)
     calls: list = field(default_factory=list)  # (extra positional args, kwargs) per batch
 
 
 class _CaptureHook:
     def __init__(self, layer: nn.Module, data: _LayerData, dtype: torch.dtype, last: bool):
         self.data, self.dtype, self.last = data, dtype, last
-        self.residual: torch.Tensor | None = None
-        self.handle = layer.register_forward_pre_hook(self._keep_residual, with_kwargs=True)
-
-    def _keep_residual(self, module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self.residual = hidden.detach().float().pow(2).mean(-1)  # (B, T) residual-stream energy
+        self.scale = _ResidualScale(layer)
+        self.handle = self.scale.handle
 
     def __call__(self, module, args, kwargs, output):
         if "hidden_states" in kwargs:
@@ -66,8 +57,7 @@ class _CaptureHook:
         kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
         self.data.inputs.append(hidden.detach().to(self.dtype))
         self.data.targets.append(out.detach().to(self.dtype))
-        energy = torch.maximum(self.residual, out.detach().float().pow(2).mean(-1)) if TOKEN_WEIGHTING else None
-        self.data.weights.append(None if energy is None else (1.0 / energy.clamp_min(1e-12))[..., None])
+        self.data.weights.append(self.scale.weights(out.new_ones(out.shape[:-1], dtype=torch.float32), out)[..., None])
         self.data.calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs))
         if self.last:
             raise _StopForward
@@ -84,18 +74,7 @@ def capture_block_io(model, spec: ArchSpec, blocks: torch.Tensor, batch_size: in
     hooks = [_CaptureHook(layer, d, dtype, i == len(layers) - 1) for i, (layer, d) in enumerate(zip(layers, data))]
     handles = [get_attention(layer, spec).register_forward_hook(hook, with_kwargs=True)
                for layer, hook in zip(layers, hooks)] + [hook.handle for hook in hooks]
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            try:
-                model(input_ids=blocks[start:start + batch_size], use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    forward_batches(model, blocks, batch_size, handles)
     return data
 
 
@@ -120,7 +99,7 @@ def _block_output(attention: nn.Module, data: _LayerData, i: int) -> torch.Tenso
 def _weighted_error(out: torch.Tensor, data: _LayerData, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum w ||f(x) - y||^2, sum w ||y||^2)`` of batch ``i``."""
     target = data.targets[i].float()
-    weight = data.weights[i] if data.weights[i] is not None else 1.0
+    weight = data.weights[i]
     return (weight * (out.float() - target).pow(2)).sum(), (weight * target.pow(2)).sum()
 
 

@@ -226,6 +226,32 @@ class _StatisticsHook:
             raise _StopForward
 
 
+def forward_batches(model, blocks: torch.Tensor, batch_size: int, handles: list, before_batch=None,
+                    progress: str | None = None) -> None:
+    """Run ``model`` in eval mode over ``blocks`` in batches, each stopped where a hook raises ``_StopForward``.
+
+    ``before_batch(start)`` runs before each batch. The hook ``handles`` are removed and the training flag restored
+    at the end, also on error.
+    """
+    from tqdm.auto import tqdm
+
+    starts = range(0, blocks.shape[0], batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in (tqdm(starts, desc=progress, unit="batch") if progress else starts):
+            if before_batch is not None:
+                before_batch(start)
+            try:
+                model(input_ids=blocks[start:start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionWeights], blocks: torch.Tensor,
                                  batch_size: int = 8, pad_token_id: int | None = None) -> list[LayerStatistics]:
@@ -241,8 +267,6 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
     Raises:
         AttentionProbabilitiesUnavailable: the family's attention does not expose its probabilities.
     """
-    from tqdm.auto import tqdm
-
     from .convert import get_attention, get_decoder_layers
 
     layers = get_decoder_layers(model, spec)
@@ -258,22 +282,14 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
     masks = query_positions(blocks, pad_token_id)
     handles = [get_attention(layer, spec).register_forward_hook(hook, with_kwargs=True)
                for layer, hook in zip(layers, hooks)] + [sc.handle for sc in scales]
-    was_training = model.training
-    model.eval()
-    try:
-        with eager_attention(model):
-            for start in tqdm(range(0, blocks.shape[0], batch_size), desc="Collecting GQA calibration statistics",
-                              unit="batch"):
-                for hook in hooks:
-                    hook.mask = masks[start:start + batch_size]
-                try:
-                    model(input_ids=blocks[start:start + batch_size], use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+
+    def set_masks(start: int) -> None:
+        for hook in hooks:
+            hook.mask = masks[start:start + batch_size]
+
+    with eager_attention(model):
+        forward_batches(model, blocks, batch_size, handles, set_masks,
+                        progress="Collecting GQA calibration statistics")
     for s in stats:
         s.input_moment /= max(s.tokens, 1)
         s.value_moments /= max(s.tokens, 1)
