@@ -10,7 +10,7 @@ from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 
 from hf_llmopt.architectures import get_arch_spec
-from hf_llmopt.data import DataTooShortError
+from hf_llmopt.data import DataTooShortError, pack_samples
 from hf_llmopt.gqa import convert_to_gqa
 from hf_llmopt.gqa.calibrate import block_relative_mse, capture_block_io
 from hf_llmopt.gqa.convert import get_attention, get_decoder_layers, num_heads_of
@@ -333,20 +333,62 @@ def test_too_short_calibration_data_raises():
         convert_to_gqa(model, 1, method="data_aware")
 
 
-def test_layerwise_calibration_reduces_block_error():
+@pytest.mark.parametrize("inputs", ["original", "converted"])
+def test_layerwise_calibration_reduces_block_error(inputs):
     model = tiny_model("llama", num_key_value_heads=2)
     data = _data()
     with torch.no_grad():
         closed = convert_to_gqa(model, 1, method="mean")
     calibrated = convert_to_gqa(model, 1, method="mean", calibration_data=data, layerwise_calibration=True,
-                                layerwise_minutes=0.05, layerwise_lr=1e-3)
+                                layerwise_minutes=0.05, layerwise_lr=1e-3, layerwise_inputs=inputs)
     record = calibrated.config.hf_llmopt_gqa
+    assert record["layerwise_inputs"] == inputs
     assert record["layerwise_steps"] > 0
     for row in record["layerwise_layers"]:
         assert row["final_mse"] <= row["initial_mse"]
     # measured independently of the record, on the model itself
     assert _attention_error(model, calibrated, data) < 0.9 * _attention_error(model, closed, data)
     assert all(p.requires_grad for p in calibrated.parameters())  # trainability flags restored
+
+
+def test_converted_inputs_are_the_converted_models_own_hidden_states():
+    """With ``layerwise_inputs="converted"`` block ``l`` sees the converted model's hidden states, so its recorded
+    error before fitting is the error of the converted model at that layer, not of the block alone."""
+    model = tiny_model("llama", num_key_value_heads=2)
+    data = _data()
+    spec = get_arch_spec(model)
+    errors = {}
+    for inputs in ("original", "converted"):
+        calibrated = convert_to_gqa(model, 1, method="mean", calibration_data=data, layerwise_calibration=True,
+                                    layerwise_minutes=1e-6, layerwise_inputs=inputs)  # no time to fit
+        errors[inputs] = [row["initial_mse"] for row in calibrated.config.hf_llmopt_gqa["layerwise_layers"]]
+    with torch.no_grad():
+        mean = convert_to_gqa(model, 1, method="mean")
+    # layer 0 sees the embeddings either way; later layers see different inputs
+    assert errors["original"][0] == pytest.approx(errors["converted"][0], rel=1e-5)
+    assert errors["original"][1:] != pytest.approx(errors["converted"][1:], rel=1e-3)
+    # the "original" errors are the independent per-block errors (naive check through capture_block_io)
+    captured = capture_block_io(model, spec, data)
+    expected = [block_relative_mse(get_attention(layer, spec), c)
+                for layer, c in zip(get_decoder_layers(mean, spec), captured)]
+    assert errors["original"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_pack_samples_drops_trailing_padding_and_keeps_the_end_of_turn():
+    pad = 0
+    blocks = torch.tensor([[5, 6, 0, 7, 0, 0],   # a pad inside the text stays; the trailing run keeps its first
+                           [8, 9, 10, 11, 12, 13],
+                           [14, 0, 0, 0, 0, 0]])
+    packed = pack_samples(blocks, pad)
+    expected = torch.tensor([5, 6, 0, 7, 0, 8, 9, 10, 11, 12, 13, 14, 0])[:12].view(2, 6)  # last partial block dropped
+    assert torch.equal(packed, expected)
+    assert pack_samples(blocks, None) is blocks
+
+
+def test_layerwise_inputs_must_be_known():
+    with pytest.raises(ValueError, match="layerwise_inputs"):
+        convert_to_gqa(tiny_model("llama", num_key_value_heads=2), 1, method="mean", calibration_data=_data(),
+                       layerwise_calibration=True, layerwise_inputs="teacher")
 
 
 def test_source_model_untouched():

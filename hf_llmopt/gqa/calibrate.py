@@ -1,10 +1,11 @@
 """Layer-wise calibration: fit each converted attention block to reproduce the original block.
 
 After a conversion, every attention block of the converted model is trained on its own (Adam on its q/k/v/o
-projections only, no end-to-end backward) to map the ORIGINAL model's block inputs to the ORIGINAL block's
-outputs. Inputs and targets are captured in one forward pass of the original model; each block is then called
-through its own ``forward`` with the captured ``hidden_states``, ``position_embeddings`` and ``attention_mask``,
-so whatever the family does inside attention (RoPE variants, norms, soft-capping, ALiBi) is respected.
+projections only, no end-to-end backward) to reproduce the ORIGINAL block's outputs, fed either the original
+model's hidden states or the converted model's own. One forward pass of the original model records every decoder
+layer's call arguments; the layers are then replayed one at a time, and each block is called through its own
+``forward`` with the recorded ``position_embeddings`` and ``attention_mask``, so whatever the family does inside
+attention (RoPE variants, norms, soft-capping, ALiBi) is respected.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec
+from ..data import sampling_pad_token_id
 from .convert import get_attention, get_decoder_layers
-from .statistics import _ResidualScale, _StopForward, calibration_blocks, forward_batches
+from .statistics import _ResidualScale, _StopForward, calibration_blocks, forward_batches, query_positions
 
 logger = logging.getLogger(__name__)
 
@@ -139,17 +141,93 @@ def _head_dim(model, spec: ArchSpec) -> int:
     return int(getattr(attention, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_data=None, tokenizer=None) -> dict:
-    """Fit every attention block of ``converted`` to the matching block of ``original`` on calibration inputs.
+class _LayerCalls:
+    """Forward pre-hook on a decoder layer: its call arguments per batch (and, for the first layer, its input)."""
 
-    Each block gets an equal share of what is left of ``cfg.layerwise_minutes`` (capturing the activations counts
-    against the budget too). A block whose error did not go down keeps its closed-form weights.
+    def __init__(self, keep_input: bool, last: bool):
+        self.calls, self.inputs, self.keep_input, self.last = [], [], keep_input, last
+
+    def __call__(self, module, args, kwargs):
+        by_name = "hidden_states" in kwargs
+        hidden, rest = (kwargs["hidden_states"], args) if by_name else (args[0], args[1:])
+        kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
+        self.calls.append((by_name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs))
+        if self.keep_input:
+            self.inputs.append(hidden.detach().float())
+        if self.last:
+            raise _StopForward
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
+    by_name, rest, kwargs = call
+    dtype = next(layer.parameters()).dtype
+    out = layer(*rest, hidden_states=hidden.to(dtype), **kwargs) if by_name else layer(hidden.to(dtype), *rest,
+                                                                                      **kwargs)
+    return (out[0] if isinstance(out, tuple) else out).float()
+
+
+class _InputHook:
+    """Forward pre-hook on an attention block: keeps its ``hidden_states`` and stops the layer there."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.store.append(hidden.detach().float())
+        raise _StopForward
+
+
+@torch.no_grad()
+def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, student: list, calls: list,
+                masks: list) -> tuple[_LayerData, list]:
+    """One layer's fitting data: the converted model's own attention inputs, the original block's outputs.
+
+    Returns the data and the original layer's outputs (the next layer's teacher inputs).
+    """
+    data = _LayerData()
+    hook = _CaptureHook(original_layer, data, torch.float32, last=False)
+    handles = [get_attention(original_layer, spec).register_forward_hook(hook, with_kwargs=True), hook.handle]
+    try:
+        outputs = [_run_layer(original_layer, h, call) for h, call in zip(teacher, calls)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    data.weights = [w * m[..., None] for w, m in zip(data.weights, masks)]
+    if student is not teacher:
+        inputs = []
+        handle = get_attention(converted_layer, spec).register_forward_pre_hook(_InputHook(inputs), with_kwargs=True)
+        try:
+            for h, call in zip(student, calls):
+                try:
+                    _run_layer(converted_layer, h, call)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+        data.inputs = inputs
+    return data, outputs
+
+
+def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_data=None, tokenizer=None) -> dict:
+    """Fit every attention block of ``converted``, first to last, to the matching block of ``original``.
+
+    The layers are processed first to last, keeping only the current layer's hidden states (``tokens x hidden``,
+    two copies at most), whatever the depth. Every block is fitted to reproduce what the original block outputs on
+    the original model's hidden states. With ``cfg.layerwise_inputs="original"`` it is fed those same hidden states
+    (every block fitted independently); with ``"converted"`` it is fed the converted model's own hidden states
+    (layers ``< l`` already calibrated), so each block also absorbs the drift that the blocks before it left.
+
+    Each block gets an equal share of what is left of ``cfg.layerwise_minutes`` (the forward passes count against
+    the budget too). A block whose error did not go down keeps its closed-form weights. Trailing padding of
+    self-sampled calibration blocks is left out of the loss.
 
     Args:
         original: the source model (not modified).
         converted: the converted model, modified in place.
         spec: the family's architecture entry.
-        cfg: a :class:`~hf_llmopt.gqa.config.GQAConfig` (``layerwise_minutes``, ``layerwise_lr``, calibration).
+        cfg: a :class:`~hf_llmopt.gqa.config.GQAConfig` (``layerwise_minutes``, ``layerwise_lr``,
+            ``layerwise_inputs``, calibration).
         calibration_data, tokenizer: as for :func:`~hf_llmopt.gqa.convert.convert_to_gqa`.
 
     Returns:
@@ -158,23 +236,39 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
     start = time.perf_counter()
     deadline = start + 60.0 * cfg.layerwise_minutes
     blocks = calibration_blocks(original, calibration_data, tokenizer, cfg, _head_dim(original, spec))
-    data = capture_block_io(original, spec, blocks)
-    layers = get_decoder_layers(converted, spec)
-    was_training = converted.training
+    pad = sampling_pad_token_id(tokenizer) if calibration_data is None else None  # any padding left at the end
+    originals, layers = get_decoder_layers(original, spec), get_decoder_layers(converted, spec)
+    recorders = [_LayerCalls(keep_input=i == 0, last=i == len(originals) - 1) for i in range(len(originals))]
+    handles = [layer.register_forward_pre_hook(r, with_kwargs=True) for layer, r in zip(originals, recorders)]
+    with torch.no_grad():
+        forward_batches(original, blocks, CAPTURE_BATCH_SIZE, handles)
+    masks = list(query_positions(blocks, pad).split(CAPTURE_BATCH_SIZE))
+    teacher = recorders[0].inputs
+    sequential = cfg.layerwise_inputs == "converted"
+    student = [h.clone() for h in teacher] if sequential else teacher
+    was_training, original_training = converted.training, original.training
     converted.eval()  # no dropout: the fit targets the deterministic block
+    original.eval()
     flags = {p: p.requires_grad for p in converted.parameters()}
     per_layer = []
     try:
         for p in converted.parameters():
             p.requires_grad_(False)
-        for index, (layer, layer_data) in enumerate(zip(layers, data)):
+        for index, (original_layer, layer) in enumerate(zip(originals, layers)):
+            calls = recorders[index].calls
+            pass_start = time.perf_counter()
+            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls, masks)
+            pass_seconds = time.perf_counter() - pass_start
             attention = get_attention(layer, spec)
             params = trainable_parameters(attention, spec)
             backup = [p.detach().clone() for p in params]
             for p in params:
                 p.requires_grad_(True)
             before = block_relative_mse(attention, layer_data)
-            share = max(0.0, deadline - time.perf_counter()) / (len(layers) - index)
+            # the forward passes of the layers still to come (about 1.5x this one's: one more to advance) are
+            # reserved before the rest is shared
+            reserve = 1.5 * pass_seconds * (len(layers) - index - 1)
+            share = max(0.0, deadline - time.perf_counter() - reserve) / (len(layers) - index)
             steps = fit_block(attention, params, layer_data, share, cfg.layerwise_lr) if share > 0 else 0
             after = block_relative_mse(attention, layer_data)
             if not after < before:  # keep the closed form when the fit did not help (or diverged)
@@ -188,16 +282,24 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
             per_layer.append({"layer": index, "initial_mse": before, "final_mse": after, "steps": steps})
             logger.info("layer-wise calibration, layer %d: relative MSE %.4g -> %.4g in %d steps", index, before,
                         after, steps)
+            if index + 1 < len(layers):
+                with torch.no_grad():
+                    student = ([_run_layer(layer, h, call) for h, call in zip(student, calls)]
+                               if sequential else next_teacher)
+            teacher = next_teacher
+            del layer_data
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
         converted.train(was_training)
+        original.train(original_training)
     return {
         "layerwise_calibration": True,
         "layerwise_seconds": round(time.perf_counter() - start, 2),
         "layerwise_steps": sum(r["steps"] for r in per_layer),
         "layerwise_tokens": int(blocks.numel()),
         "layerwise_lr": cfg.layerwise_lr,
+        "layerwise_inputs": cfg.layerwise_inputs,
         "layerwise_layers": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                              for r in per_layer],
     }
