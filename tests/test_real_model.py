@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt.uptrain import uptrain
 from hf_llmopt._compat import kv_cache_bytes
+from hf_llmopt.data import SAMPLING_OPENERS, sample_token_blocks
 from hf_llmopt.models import default_model_dir
 
 pytestmark = pytest.mark.slow
@@ -93,3 +94,21 @@ def test_real_model_uptrain_recovers_mean_pooled_mqa(default_model, tmp_path):
     ids = tokenizer("Natalia sold clips to 48 of her friends", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+
+
+def test_self_sampled_styles(default_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # a fresh sample cache
+    model, tokenizer = default_model
+    chat = sample_token_blocks(model, tokenizer, 64, 32, style="chat")
+    text = sample_token_blocks(model, tokenizer, 64, 32, style="text")
+    mixed = sample_token_blocks(model, tokenizer, 128, 32, style="mixed")
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert chat.shape == text.shape == (2, 32) and mixed.shape == (4, 32)
+    assert (chat[:, 0] == im_start).all()  # chat template
+    assert not (text == im_start).any()  # plain text: an opening and its continuation
+    for row in text:
+        assert any(tokenizer.decode(row).startswith(opener[:20]) for opener in SAMPLING_OPENERS)
+    assert torch.equal(mixed[:2], chat) and torch.equal(mixed[2:], text)  # halves of the same cached samples
+    assert len(list((tmp_path / "hf_llmopt" / "samples").glob("*.pt"))) == 2
+    with pytest.raises(ValueError, match="style"):
+        sample_token_blocks(model, tokenizer, 64, 32, style="poem")

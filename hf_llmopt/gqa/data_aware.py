@@ -46,6 +46,7 @@ from .fits import (
     static_pairs,
     to_complex_pairs,
 )
+from ..data import sampling_pad_token_id
 from .layout import AttentionWeights
 
 logger = logging.getLogger(__name__)
@@ -243,9 +244,7 @@ def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data
     start = time.perf_counter()
     head_dim = weights[0].head_dim
     blocks = calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim)
-    pad = None
-    if tokenizer is not None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = sampling_pad_token_id(tokenizer)
     try:
         stats = collect_attention_statistics(model, spec, weights, blocks, pad_token_id=pad)
     except AttentionProbabilitiesUnavailable as err:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .._compat import rope_parameters
 from ..architectures import ArchSpec
-from ..data import DataTooShortError, token_blocks
+from ..data import DataTooShortError, pack_samples, sampling_pad_token_id, token_blocks
 from .layout import AttentionWeights
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def minimum_calibration_tokens(head_dim: int) -> int:
 
 
 def calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim: int) -> torch.Tensor:
-    """``(N, T)`` calibration token ids from any data source (``None``: text sampled from the model itself).
+    """``(N, T)`` calibration token ids from any data source (``None``: text sampled from the model itself, packed
+    by :func:`~hf_llmopt.data.pack_samples`).
 
     Raises:
         ValueError: ``calibration_data`` is ``None`` and no tokenizer was given (sampling needs one).
@@ -71,6 +72,8 @@ def calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim: int) -
     try:
         blocks = token_blocks(calibration_data, tokenizer, model=model, num_tokens=cfg.calibration_tokens,
                               seq_len=cfg.calibration_seq_len, seed=cfg.seed, min_tokens=need)
+        if calibration_data is None:  # self-sampled: packed, without the padding after each reply
+            blocks = pack_samples(blocks, sampling_pad_token_id(tokenizer))
     except DataTooShortError as err:
         raise DataTooShortError(
             f"data-aware GQA conversion needs at least {need} calibration tokens (max(512, 4 * head_dim)) for "

@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..architectures import get_arch_spec
 from ..checkpoint import check_output_dir, save_converted
-from ..data import token_blocks
+from ..data import sampling_pad_token_id, token_blocks
 from ..evaluation import kl_to_reference, perplexity
 from ..gqa.config import GQAConfig
 from ..gqa.convert import CONFIG_RECORD_KEY, convert_to_gqa, get_decoder_layers, num_heads_of
@@ -115,7 +115,7 @@ def prepare_data(config: UptrainConfig, tokenizer, sampler, train_data=None, eva
             "token ids" if isinstance(source, torch.Tensor) else f"a {type(source).__name__} of texts")
     pad = None
     if source is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = sampling_pad_token_id(tokenizer)
     if eval_source is not None:
         evals = token_blocks(eval_source, tokenizer, num_tokens=config.eval_tokens, seq_len=config.seq_len,
                              **load_kwargs)
