@@ -22,6 +22,7 @@ import torch
 
 from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
+from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.data import load_records, pack_token_blocks, token_blocks
 from hf_llmopt.evaluation import perplexity
 
@@ -40,6 +41,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="mean,data_aware_values,data_aware",
                    help="comma-separated conversion methods; data_aware+layerwise is added by --layerwise-minutes")
     p.add_argument("--layerwise-minutes", type=float, default=5.0, help="0 skips the layer-wise run")
+    p.add_argument("--layerwise-lr", type=float, default=GQAConfig.layerwise_lr)
+    p.add_argument("--layerwise-inputs", default="original",
+                   help="comma-separated: one layer-wise run per value of GQAConfig.layerwise_inputs")
     p.add_argument("--calibration", choices=("self", "gsm8k", "mixed"), default="self",
                    help="calibration text of the data-aware methods: 'self' (the default of convert_to_gqa: text "
                    "sampled from the model), 'gsm8k' (GSM8K train rows before the held-out ones: in-domain) or "
@@ -76,14 +80,17 @@ def main(argv=None) -> dict:
              "conversion_seconds": 0.0, **evaluate(model)}]
     runs = [(m, {}) for m in args.methods.split(",") if m]
     if args.layerwise_minutes > 0:
-        runs.append(("data_aware", {"layerwise_calibration": True, "layerwise_minutes": args.layerwise_minutes}))
+        runs += [("data_aware", {"layerwise_calibration": True, "layerwise_minutes": args.layerwise_minutes,
+                                 "layerwise_lr": args.layerwise_lr, "layerwise_inputs": inputs})
+                 for inputs in args.layerwise_inputs.split(",")]
     for method, extra in runs:
         start = time.perf_counter()
         if method != "mean":
             extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens}
         converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
         seconds = time.perf_counter() - start
-        name = method + (f" + layer-wise {args.layerwise_minutes:g} min" if "layerwise_calibration" in extra else "")
+        name = method + (f" + layer-wise {args.layerwise_minutes:g} min ({extra['layerwise_inputs']} inputs)"
+                         if "layerwise_calibration" in extra else "")
         rows.append({"method": name, "num_key_value_heads": args.num_key_value_heads,
                      "conversion_seconds": round(seconds, 1), **evaluate(converted)})
         print(json.dumps(rows[-1]), flush=True)
