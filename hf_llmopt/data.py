@@ -194,6 +194,22 @@ def sampling_pad_token_id(tokenizer) -> int | None:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def query_positions(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """``(N, T)`` float mask of the positions whose statistics count: all but trailing padding.
+
+    Self-sampled blocks end with padding after a short reply; the first token of that run is kept (with
+    ``pad == eos`` it is the model's own end of turn).
+    """
+    mask = torch.ones(blocks.shape, dtype=torch.float32)
+    if pad_token_id is None:
+        return mask
+    is_pad = blocks == pad_token_id
+    trailing = is_pad.flip(-1).cumprod(-1).flip(-1).bool()  # pad from here to the end
+    run_start = trailing & ~torch.cat([torch.zeros_like(trailing[:, :1]), trailing[:, :-1]], dim=1)
+    mask[trailing & ~run_start] = 0.0
+    return mask
+
+
 def pack_samples(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
     """Join self-sampled blocks without their trailing padding and cut them again into blocks of the same length.
 
@@ -205,10 +221,7 @@ def pack_samples(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor
     """
     if pad_token_id is None:
         return blocks
-    is_pad = blocks == pad_token_id
-    trailing = is_pad.flip(-1).cumprod(-1).flip(-1).bool()
-    keep = ~trailing | torch.cat([torch.ones_like(trailing[:, :1]), ~trailing[:, :-1]], dim=1)
-    ids = blocks[keep]
+    ids = blocks[query_positions(blocks, pad_token_id).bool()]
     seq_len = blocks.shape[1]
     n_blocks = ids.numel() // seq_len
     return ids[: n_blocks * seq_len].view(n_blocks, seq_len)

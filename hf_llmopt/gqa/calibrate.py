@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec
-from ..data import sampling_pad_token_id
 from .convert import get_attention, get_decoder_layers
-from .statistics import _ResidualScale, _StopForward, calibration_blocks, forward_batches, query_positions
+from .statistics import _ResidualScale, _StopForward, calibration_blocks, forward_batches
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +43,14 @@ class _LayerData:
     calls: list = field(default_factory=list)  # (extra positional args, kwargs) per batch
 
 
+def _split_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, bool, tuple, dict]:
+    """A hooked call's ``(hidden_states, passed by name, other positional args detached, kwargs to replay)``."""
+    by_name = "hidden_states" in kwargs
+    hidden, rest = (kwargs["hidden_states"], args) if by_name else (args[0], args[1:])
+    kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
+    return hidden, by_name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs
+
+
 class _CaptureHook:
     def __init__(self, layer: nn.Module, data: _LayerData, dtype: torch.dtype, last: bool):
         self.data, self.dtype, self.last = data, dtype, last
@@ -51,16 +58,12 @@ class _CaptureHook:
         self.handle = self.scale.handle
 
     def __call__(self, module, args, kwargs, output):
-        if "hidden_states" in kwargs:
-            hidden, rest = kwargs["hidden_states"], args
-        else:
-            hidden, rest = args[0], args[1:]
+        hidden, _, rest, kwargs = _split_call(args, kwargs)
         out = output[0] if isinstance(output, tuple) else output
-        kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
         self.data.inputs.append(hidden.detach().to(self.dtype))
         self.data.targets.append(out.detach().to(self.dtype))
         self.data.weights.append(self.scale.weights(out.new_ones(out.shape[:-1], dtype=torch.float32), out)[..., None])
-        self.data.calls.append((tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs))
+        self.data.calls.append((rest, kwargs))
         if self.last:
             raise _StopForward
 
@@ -148,10 +151,8 @@ class _LayerCalls:
         self.calls, self.inputs, self.keep_input, self.last = [], [], keep_input, last
 
     def __call__(self, module, args, kwargs):
-        by_name = "hidden_states" in kwargs
-        hidden, rest = (kwargs["hidden_states"], args) if by_name else (args[0], args[1:])
-        kwargs = {k: _RESET_KWARGS.get(k, v) for k, v in kwargs.items() if k != "hidden_states"}
-        self.calls.append((by_name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in rest), kwargs))
+        hidden, by_name, rest, kwargs = _split_call(args, kwargs)
+        self.calls.append((by_name, rest, kwargs))
         if self.keep_input:
             self.inputs.append(hidden.detach().float())
         if self.last:
@@ -173,15 +174,14 @@ class _InputHook:
         self.store = store
 
     def __call__(self, module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.store.append(hidden.detach().float())
+        self.store.append(_split_call(args, kwargs)[0].detach().float())
         raise _StopForward
 
 
 @torch.no_grad()
-def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, student: list, calls: list,
-                masks: list) -> tuple[_LayerData, list]:
-    """One layer's fitting data: the converted model's own attention inputs, the original block's outputs.
+def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, student: list,
+                calls: list) -> tuple[_LayerData, list]:
+    """One layer's fitting data: the original block's outputs on ``teacher``, its attention inputs from ``student``.
 
     Returns the data and the original layer's outputs (the next layer's teacher inputs).
     """
@@ -193,7 +193,6 @@ def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, 
     finally:
         for handle in handles:
             handle.remove()
-    data.weights = [w * m[..., None] for w, m in zip(data.weights, masks)]
     if student is not teacher:
         inputs = []
         handle = get_attention(converted_layer, spec).register_forward_pre_hook(_InputHook(inputs), with_kwargs=True)
@@ -219,8 +218,8 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
     (layers ``< l`` already calibrated), so each block also absorbs the drift that the blocks before it left.
 
     Each block gets an equal share of what is left of ``cfg.layerwise_minutes`` (the forward passes count against
-    the budget too). A block whose error did not go down keeps its closed-form weights. Trailing padding of
-    self-sampled calibration blocks is left out of the loss.
+    the budget too). A block whose error did not go down keeps its closed-form weights. Self-sampled calibration
+    text comes packed without padding (:func:`~hf_llmopt.gqa.statistics.calibration_blocks`).
 
     Args:
         original: the source model (not modified).
@@ -236,13 +235,11 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
     start = time.perf_counter()
     deadline = start + 60.0 * cfg.layerwise_minutes
     blocks = calibration_blocks(original, calibration_data, tokenizer, cfg, _head_dim(original, spec))
-    pad = sampling_pad_token_id(tokenizer) if calibration_data is None else None  # any padding left at the end
     originals, layers = get_decoder_layers(original, spec), get_decoder_layers(converted, spec)
     recorders = [_LayerCalls(keep_input=i == 0, last=i == len(originals) - 1) for i in range(len(originals))]
     handles = [layer.register_forward_pre_hook(r, with_kwargs=True) for layer, r in zip(originals, recorders)]
     with torch.no_grad():
         forward_batches(original, blocks, CAPTURE_BATCH_SIZE, handles)
-    masks = list(query_positions(blocks, pad).split(CAPTURE_BATCH_SIZE))
     teacher = recorders[0].inputs
     sequential = cfg.layerwise_inputs == "converted"
     student = [h.clone() for h in teacher] if sequential else teacher
@@ -257,7 +254,7 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         for index, (original_layer, layer) in enumerate(zip(originals, layers)):
             calls = recorders[index].calls
             pass_start = time.perf_counter()
-            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls, masks)
+            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls)
             pass_seconds = time.perf_counter() - pass_start
             attention = get_attention(layer, spec)
             params = trainable_parameters(attention, spec)

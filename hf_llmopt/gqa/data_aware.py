@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from ..data import sampling_pad_token_id
 from .fits import (
     align_gauge,
     apply_pair_scales,
@@ -46,7 +47,6 @@ from .fits import (
     static_pairs,
     to_complex_pairs,
 )
-from ..data import sampling_pad_token_id
 from .layout import AttentionWeights
 
 logger = logging.getLogger(__name__)

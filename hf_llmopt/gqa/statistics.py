@@ -24,7 +24,7 @@ from torch import nn
 
 from .._compat import rope_parameters
 from ..architectures import ArchSpec
-from ..data import DataTooShortError, pack_samples, sampling_pad_token_id, token_blocks
+from ..data import DataTooShortError, pack_samples, query_positions, sampling_pad_token_id, token_blocks
 from .layout import AttentionWeights
 
 logger = logging.getLogger(__name__)
@@ -125,22 +125,6 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-def query_positions(blocks: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-    """``(N, T)`` float mask of the positions whose statistics count: all but trailing padding.
-
-    Self-sampled blocks end with padding after a short reply; the first token of that run is kept (with
-    ``pad == eos`` it is the model's own end of turn).
-    """
-    mask = torch.ones(blocks.shape, dtype=torch.float32)
-    if pad_token_id is None:
-        return mask
-    is_pad = blocks == pad_token_id
-    trailing = is_pad.flip(-1).cumprod(-1).flip(-1).bool()  # pad from here to the end
-    run_start = trailing & ~torch.cat([torch.zeros_like(trailing[:, :1]), trailing[:, :-1]], dim=1)
-    mask[trailing & ~run_start] = 0.0
-    return mask
 
 
 @contextlib.contextmanager
