@@ -26,6 +26,7 @@ from hf_llmopt.gqa.fits import (
     rotary_pairs,
 )
 from hf_llmopt.gqa.layout import read_attention, write_attention
+from hf_llmopt.gqa.sharpen import fit_logit_scale, scale_attention_logits
 from hf_llmopt.gqa.statistics import minimum_calibration_tokens, rotary_dim
 
 from tiny_models import tiny_model
@@ -265,6 +266,7 @@ def test_data_aware_exact_on_mergeable_model(family):
         err = _rel_err(mqa(input_ids=data).logits, ref)
         values_err = _rel_err(values_only(input_ids=data).logits, ref)
     assert mqa.config.hf_llmopt_gqa["method"] == "data_aware"
+    assert mqa.config.hf_llmopt_gqa["logit_scale"] == 1.0  # the search keeps an exact conversion as it is
     assert err < EXACT_TOL, (err, values_err)
     assert values_err > 10 * EXACT_TOL  # the keys matter: mean-pooled keys are visibly wrong
 
@@ -372,6 +374,63 @@ def test_converted_inputs_are_the_converted_models_own_hidden_states():
     expected = [block_relative_mse(get_attention(layer, spec), c)
                 for layer, c in zip(get_decoder_layers(mean, spec), captured)]
     assert errors["original"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "opt"])
+def test_scale_attention_logits_multiplies_every_logit(family):
+    """Through the query projections, whatever the layout: the new attention rows are softmax(factor * logits)."""
+    model = tiny_model(family, **KEY_FIT_FAMILIES[family]).eval()
+    model.set_attn_implementation("eager")
+    data = _data(n=2, t=32)
+    with torch.no_grad():
+        before = model(input_ids=data, output_attentions=True).attentions
+        scale_attention_logits(model, get_arch_spec(model), 1.7)
+        after = model(input_ids=data, output_attentions=True).attentions
+    # the first block sees the same input either way; later ones see what the scaled blocks before them computed
+    expected = torch.softmax(1.7 * before[0].clamp_min(1e-30).log(), dim=-1) * (before[0] > 0)
+    torch.testing.assert_close(after[0], expected, atol=1e-5, rtol=1e-4)
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(after, before))  # every block was scaled
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "opt"])
+def test_logit_scale_search_recovers_a_known_scale(family):
+    """An exact conversion whose logits are then divided by 1.37 gets its scale back from the KL search alone."""
+    model = make_mergeable(tiny_model(family, **KEY_FIT_FAMILIES[family]))
+    data = _data()
+    spec = get_arch_spec(model)
+    with torch.no_grad():
+        mqa = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale="off")
+        assert "logit_scale" not in mqa.config.hf_llmopt_gqa
+        scale_attention_logits(mqa, spec, 1 / 1.37)
+        ref = model(input_ids=data).logits
+        assert _rel_err(mqa(input_ids=data).logits, ref) > 100 * EXACT_TOL
+        found = fit_logit_scale(model, mqa, spec, data)
+        assert found["logit_scale"] == pytest.approx(1.37, abs=0.01)
+        assert found["logit_scale_kl"]["1"] > 10 * found["logit_scale_kl"]["1.4"]  # the KL it walked down
+        assert _rel_err(mqa(input_ids=data).logits, ref) < 1e-3
+
+
+def test_fixed_logit_scale_and_both_searches_are_recorded():
+    model = tiny_model("llama", num_key_value_heads=2)
+    data = _data()
+    with torch.no_grad():
+        off = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale="off")
+        fixed = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale=1.5)
+        assert fixed.config.hf_llmopt_gqa["logit_scale"] == 1.5
+        scale_attention_logits(off, get_arch_spec(off), 1.5)
+        torch.testing.assert_close(fixed(input_ids=data).logits, off(input_ids=data).logits)
+    calibrated = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, layerwise_calibration=True,
+                                layerwise_minutes=0.05)
+    record = calibrated.config.hf_llmopt_gqa
+    first, second = record["logit_scale_searches"]  # after the closed form, and after the layer-wise stage
+    assert record["logit_scale"] == pytest.approx(first["logit_scale"] * second["logit_scale"], abs=1e-4)
+    assert record["layerwise_seconds"] >= second["logit_scale_seconds"]
+    fixed = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale=1.5,
+                           layerwise_calibration=True, layerwise_minutes=0.02)
+    assert fixed.config.hf_llmopt_gqa["logit_scale"] == 1.5  # a fixed scale is applied once
+    for bad in ("sharp", -1, 0):
+        with pytest.raises(ValueError, match="logit_scale"):
+            convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale=bad)
 
 
 def test_pack_samples_drops_trailing_padding_and_keeps_the_end_of_turn():

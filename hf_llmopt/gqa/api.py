@@ -32,7 +32,9 @@ METHOD_DESCRIPTIONS = {
                   "value projection is the reduced-rank fit of all heads' value outputs as the output projection "
                   "sees them, and each head's output-projection slice is refit by weighted least squares. Keys: per "
                   "RoPE frequency pair, a complex rank-1 fit of the group's keys (weighted by query energy) is the "
-                  "shared key, and each head's complex scalar is folded into its query projection.",
+                  "shared key, and each head's complex scalar is folded into its query projection. Least squares "
+                  "shrinks the logits, so every attention logit is then multiplied by one factor, searched by the "
+                  "KL from the original model's next-token distributions on the calibration text.",
     "data_aware_values": "The data-aware value fit (see `data_aware`) with mean-pooled keys.",
 }
 
@@ -108,7 +110,8 @@ def convert_and_save(args: ConvertGQAArguments, gqa: GQAConfig) -> dict:
         "loading": ("Loads with plain `AutoModelForCausalLM.from_pretrained` (hf_llmopt is not needed)." if native
                     else "Its family cannot express fewer KV heads natively: `import hf_llmopt` first, then "
                          "`AutoModelForCausalLM.from_pretrained` rebuilds the patched attention."),
-        "method_description": METHOD_DESCRIPTIONS.get(record["method"], record["method"]),
+        "method_description": METHOD_DESCRIPTIONS.get(record["method"], record["method"]) + (
+            f" Logit scale applied: {record['logit_scale']:g}." if "logit_scale" in record else ""),
         "conversion_seconds": f"{seconds:.1f}",
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
         "results_table": markdown_table(rows) + f"\n\nEvaluation data: {eval_name}.",

@@ -208,7 +208,8 @@ def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, 
     return data, outputs
 
 
-def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_data=None, tokenizer=None) -> dict:
+def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_data=None, tokenizer=None,
+                        reserve_seconds: float = 0.0) -> dict:
     """Fit every attention block of ``converted``, first to last, to the matching block of ``original``.
 
     The layers are processed first to last, keeping only the current layer's hidden states (``tokens x hidden``,
@@ -228,18 +229,19 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         cfg: a :class:`~hf_llmopt.gqa.config.GQAConfig` (``layerwise_minutes``, ``layerwise_lr``,
             ``layerwise_inputs``, calibration).
         calibration_data, tokenizer: as for :func:`~hf_llmopt.gqa.convert.convert_to_gqa`.
+        reserve_seconds: left out of the budget for what runs after the stage (the logit-scale search).
 
     Returns:
         Statistics for the conversion record: per-layer relative MSE before/after, steps, seconds.
     """
     start = time.perf_counter()
-    deadline = start + 60.0 * cfg.layerwise_minutes
+    deadline = start + 60.0 * cfg.layerwise_minutes - reserve_seconds
     blocks = calibration_blocks(original, calibration_data, tokenizer, cfg, _head_dim(original, spec))
     originals, layers = get_decoder_layers(original, spec), get_decoder_layers(converted, spec)
     recorders = [_LayerCalls(keep_input=i == 0, last=i == len(originals) - 1) for i in range(len(originals))]
     handles = [layer.register_forward_pre_hook(r, with_kwargs=True) for layer, r in zip(originals, recorders)]
     with torch.no_grad():
-        forward_batches(original, blocks, CAPTURE_BATCH_SIZE, handles)
+        forward_batches(original, blocks, cfg.layerwise_batch_size, handles)  # one Adam step per batch
     teacher = recorders[0].inputs
     sequential = cfg.layerwise_inputs == "converted"
     student = [h.clone() for h in teacher] if sequential else teacher

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -181,6 +182,20 @@ def _tied_keys(model) -> set[str]:
     return set(tied) if not isinstance(tied, dict) else set(tied.keys())
 
 
+def _logit_scale(original, converted, spec: ArchSpec, cfg, calibration_data, tokenizer) -> dict:
+    """Apply ``cfg.logit_scale`` to ``converted``: a fixed factor, or ``"auto"`` (searched on the calibration text)."""
+    from .sharpen import fit_logit_scale, scale_attention_logits
+
+    if cfg.logit_scale != "auto":
+        scale_attention_logits(converted, spec, float(cfg.logit_scale))
+        return {"logit_scale": float(cfg.logit_scale)}
+    from .calibrate import _head_dim
+    from .statistics import calibration_blocks
+
+    blocks = calibration_blocks(original, calibration_data, tokenizer, cfg, _head_dim(original, spec))
+    return fit_logit_scale(original, converted, spec, blocks)
+
+
 def convert_to_gqa(
     model: nn.Module,
     num_key_value_heads: int,
@@ -263,11 +278,24 @@ def convert_to_gqa(
         **extra,
     }
     new = build_converted_model(model, spec, new_weights, record)
+    # Only fitted keys shrink the logits (hf_llmopt.gqa.sharpen); "auto" searches after each fit, a number is applied
+    # once
+    sharpen = extra.get("method") == "data_aware" and cfg.logit_scale != "off"
+    searches = [_logit_scale(model, new, spec, cfg, calibration_data, tokenizer)] if sharpen else []
     if cfg.layerwise_calibration and method not in ("repeat",):
         from .calibrate import layerwise_calibrate
 
-        stats = layerwise_calibrate(model, new, spec, cfg, calibration_data, tokenizer)
+        # the second search counts against the layer-wise budget: as long as the first one is reserved for it
+        reserve = searches[0].get("logit_scale_seconds", 0.0) if searches else 0.0
+        stats = layerwise_calibrate(model, new, spec, cfg, calibration_data, tokenizer, reserve_seconds=reserve)
+        if sharpen and cfg.logit_scale == "auto":
+            searches.append(_logit_scale(model, new, spec, cfg, calibration_data, tokenizer))
+            stats["layerwise_seconds"] = round(stats["layerwise_seconds"] + searches[-1].get(
+                "logit_scale_seconds", 0.0), 2)
         record.update(stats)
+    if searches:
+        record["logit_scale"] = round(math.prod(s["logit_scale"] for s in searches), 4)
+        record["logit_scale_searches"] = searches
     record["conversion_seconds"] = round(time.perf_counter() - start, 2)
     setattr(new.config, CONFIG_RECORD_KEY, record)
     logger.info("Converted %s to %d KV heads with %s in %.1fs", type(model).__name__, num_key_value_heads,

@@ -279,7 +279,8 @@ def _layerwise(config: UptrainConfig, student, teacher, data: _Data) -> dict:
     n_blocks = max(1, math.ceil(config.layerwise_tokens / data.train.shape[1]))
     gqa = GQAConfig(num_key_value_heads=kv, layerwise_calibration=True, layerwise_minutes=config.layerwise_minutes,
                     layerwise_lr=config.layerwise_lr, calibration_tokens=n_blocks * data.train.shape[1],
-                    calibration_seq_len=data.train.shape[1])
+                    calibration_seq_len=data.train.shape[1],
+                    layerwise_inputs="original", layerwise_batch_size=4)  # what the measured uptrain runs used
     stats = layerwise_calibrate(teacher, student, spec, gqa, calibration_data=data.train[:n_blocks])
     layers = stats.get("layerwise_layers", [])
     return {
