@@ -5,8 +5,11 @@ default it samples its own text from the model; ``--calibration gsm8k`` takes th
 both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for this benchmark).
 Prints a table and writes ``benchmarks/results/gqa_quality.json``.
 
-    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 1
-    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 1 --calibration gsm8k \
+    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2 --layerwise-inputs original,converted \
+        --layerwise-batch-size 4
+    python benchmarks/gqa_quality.py --methods "" --layerwise-minutes 10 --threads 2 \
+        --layerwise-inputs converted,original --layerwise-batch-size 2 --out benchmarks/results/gqa_quality_batch2.json
+    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2 --calibration gsm8k \
         --out benchmarks/results/gqa_quality_gsm8k_calibration.json
 """
 
@@ -23,7 +26,8 @@ import torch
 from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
 from hf_llmopt.gqa.config import GQAConfig
-from hf_llmopt.data import load_records, pack_token_blocks, token_blocks
+from hf_llmopt.gqa.convert import CONFIG_RECORD_KEY
+from hf_llmopt.data import load_records, pack_samples, pack_token_blocks, sampling_pad_token_id, token_blocks
 from hf_llmopt.evaluation import perplexity
 
 HERE = Path(__file__).resolve().parent
@@ -42,13 +46,16 @@ def make_parser() -> argparse.ArgumentParser:
                    help="comma-separated conversion methods; data_aware+layerwise is added by --layerwise-minutes")
     p.add_argument("--layerwise-minutes", type=float, default=5.0, help="0 skips the layer-wise run")
     p.add_argument("--layerwise-lr", type=float, default=GQAConfig.layerwise_lr)
-    p.add_argument("--layerwise-inputs", default="original",
+    p.add_argument("--layerwise-batch-size", type=int, default=GQAConfig.layerwise_batch_size)
+    p.add_argument("--layerwise-inputs", default=GQAConfig.layerwise_inputs,
                    help="comma-separated: one layer-wise run per value of GQAConfig.layerwise_inputs")
     p.add_argument("--calibration", choices=("self", "gsm8k", "mixed"), default="self",
                    help="calibration text of the data-aware methods: 'self' (the default of convert_to_gqa: text "
                    "sampled from the model), 'gsm8k' (GSM8K train rows before the held-out ones: in-domain) or "
                    "'mixed' (--calibration-tokens of each, concatenated)")
     p.add_argument("--calibration-tokens", type=int, default=12288)
+    p.add_argument("--logit-scale", default=GQAConfig.logit_scale,
+                   help="GQAConfig.logit_scale of the data_aware runs: 'auto', 'off' or a number")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "gqa_quality.json"))
     return p
@@ -69,7 +76,8 @@ def main(argv=None) -> dict:
         calibration = token_blocks(load_records(args.gsm8k)[:-args.held_out_rows], tokenizer,
                                    num_tokens=args.calibration_tokens, seq_len=args.seq_len)
     if args.calibration == "mixed":
-        sampled = token_blocks(None, tokenizer, model=model, num_tokens=args.calibration_tokens, seq_len=args.seq_len)
+        sampled = pack_samples(token_blocks(None, tokenizer, model=model, num_tokens=args.calibration_tokens,
+                                            seq_len=args.seq_len), sampling_pad_token_id(tokenizer))  # as the default
         calibration = torch.cat([sampled, calibration])
         calibration_tokens = int(calibration.numel())
 
@@ -81,18 +89,22 @@ def main(argv=None) -> dict:
     runs = [(m, {}) for m in args.methods.split(",") if m]
     if args.layerwise_minutes > 0:
         runs += [("data_aware", {"layerwise_calibration": True, "layerwise_minutes": args.layerwise_minutes,
-                                 "layerwise_lr": args.layerwise_lr, "layerwise_inputs": inputs})
+                                 "layerwise_lr": args.layerwise_lr, "layerwise_inputs": inputs,
+                                 "layerwise_batch_size": args.layerwise_batch_size})
                  for inputs in args.layerwise_inputs.split(",")]
     for method, extra in runs:
         start = time.perf_counter()
         if method != "mean":
-            extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens}
+            extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens,
+                     "logit_scale": args.logit_scale}
         converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
         seconds = time.perf_counter() - start
         name = method + (f" + layer-wise {args.layerwise_minutes:g} min ({extra['layerwise_inputs']} inputs)"
                          if "layerwise_calibration" in extra else "")
+        record = getattr(converted.config, CONFIG_RECORD_KEY)
         rows.append({"method": name, "num_key_value_heads": args.num_key_value_heads,
-                     "conversion_seconds": round(seconds, 1), **evaluate(converted)})
+                     "conversion_seconds": round(seconds, 1), **evaluate(converted),
+                     **{k: record[k] for k in ("logit_scale", "logit_scale_searches", "layerwise_seconds") if k in record}})
         print(json.dumps(rows[-1]), flush=True)
         del converted
 
