@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
         record = getattr(converted.config, CONFIG_RECORD_KEY)
         rows.append({"method": name, "num_key_value_heads": args.num_key_value_heads,
                      "conversion_seconds": round(seconds, 1), **evaluate(converted),
-                     **{k: record[k] for k in ("logit_scale", "logit_scale_searches", "layerwise_seconds") if k in record}})
+                     **{k: record[k] for k in ("logit_scale", "logit_scale_searches", "layerwise_seconds")
+                        if k in record}})
         print(json.dumps(rows[-1]), flush=True)
         del converted
 

@@ -26,7 +26,7 @@ from hf_llmopt.gqa.fits import (
     rotary_pairs,
 )
 from hf_llmopt.gqa.layout import read_attention, write_attention
-from hf_llmopt.gqa.sharpen import fit_logit_scale, scale_attention_logits
+from hf_llmopt.gqa.sharpen import ReferenceKL, fit_logit_scale, scale_attention_logits
 from hf_llmopt.gqa.statistics import minimum_calibration_tokens, rotary_dim
 
 from tiny_models import tiny_model
@@ -404,7 +404,7 @@ def test_logit_scale_search_recovers_a_known_scale(family):
         scale_attention_logits(mqa, spec, 1 / 1.37)
         ref = model(input_ids=data).logits
         assert _rel_err(mqa(input_ids=data).logits, ref) > 100 * EXACT_TOL
-        found = fit_logit_scale(model, mqa, spec, data)
+        found = fit_logit_scale(mqa, spec, ReferenceKL(model, data))
         assert found["logit_scale"] == pytest.approx(1.37, abs=0.01)
         assert found["logit_scale_kl"]["1"] > 10 * found["logit_scale_kl"]["1.4"]  # the KL it walked down
         assert _rel_err(mqa(input_ids=data).logits, ref) < 1e-3

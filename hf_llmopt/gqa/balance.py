@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec, get_arch_spec
-from .convert import get_attention, get_decoder_layers, num_heads_of
-from .layout import AttentionWeights, read_attention, write_attention
+from .convert import rewrite_attention
+from .layout import AttentionWeights
 
 
 def _rms(t: torch.Tensor, dims) -> torch.Tensor:
@@ -60,10 +60,5 @@ def balance_attention_weights(w: AttentionWeights, scale_keys: bool = True) -> A
 def balance_attention_scales(model: nn.Module, arch_spec: ArchSpec | None = None) -> None:
     """Apply :func:`balance_attention_weights` to every attention block of ``model``, in place."""
     spec = get_arch_spec(model, arch_spec)
-    heads, kv = num_heads_of(model.config, spec)
     scale_keys = spec.attention.kv_norm is None and spec.attention.q_norm is None
-    for layer in get_decoder_layers(model, spec):
-        attention = get_attention(layer, spec)
-        patched = getattr(attention, "hf_llmopt_patched", False)
-        w = read_attention(attention, spec.attention, heads, kv)
-        write_attention(attention, spec.attention, balance_attention_weights(w, scale_keys), patched=patched)
+    rewrite_attention(model, spec, lambda w: balance_attention_weights(w, scale_keys))

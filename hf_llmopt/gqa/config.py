@@ -44,8 +44,9 @@ class GQAConfig:
             ``"converted"``, 2.05x / 2.16x with ``"original"``.
         logit_scale: after fitting the keys (``data_aware``), multiply every attention logit by one factor (through
             the query projections): ``"auto"`` searches it on the calibration text (the KL from the original model's
-            next-token distributions there; again after the layer-wise stage, inside its budget), a number fixes it, ``"off"``
-            leaves the logits alone. Least-squares key fits shrink the logits (see :mod:`hf_llmopt.gqa.sharpen`).
+            next-token distributions there; again after the layer-wise stage, inside its budget), a number fixes it
+            (applied once), ``"off"`` leaves the logits alone. Least-squares key fits shrink the logits (see
+            :mod:`hf_llmopt.gqa.sharpen`).
         group_by_similarity: for ``G > 1``, group KV heads whose keys/values are most alike instead of contiguous
             groups (data-aware methods only; mean pooling keeps the paper's contiguous groups).
         seed: seeds calibration sampling.

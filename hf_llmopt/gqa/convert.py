@@ -55,6 +55,16 @@ def num_heads_of(config, spec: ArchSpec) -> tuple[int, int]:
     return heads, heads
 
 
+@torch.no_grad()
+def rewrite_attention(model: nn.Module, spec: ArchSpec, fn: Callable[[AttentionWeights], AttentionWeights]) -> None:
+    """Replace every attention block's canonical weights ``w`` by ``fn(w)``, in place (native or patched)."""
+    heads, kv = num_heads_of(model.config, spec)
+    for layer in get_decoder_layers(model, spec):
+        attention = get_attention(layer, spec)
+        w = read_attention(attention, spec.attention, heads, kv)
+        write_attention(attention, spec.attention, fn(w), patched=getattr(attention, "hf_llmopt_patched", False))
+
+
 def check_num_kv_heads(num_heads: int, num_key_value_heads: int) -> None:
     if isinstance(num_key_value_heads, bool) or not isinstance(num_key_value_heads, int):
         raise TypeError(f"num_key_value_heads must be an int, got {num_key_value_heads!r}")
@@ -182,18 +192,14 @@ def _tied_keys(model) -> set[str]:
     return set(tied) if not isinstance(tied, dict) else set(tied.keys())
 
 
-def _logit_scale(original, converted, spec: ArchSpec, cfg, calibration_data, tokenizer) -> dict:
-    """Apply ``cfg.logit_scale`` to ``converted``: a fixed factor, or ``"auto"`` (searched on the calibration text)."""
-    from .sharpen import fit_logit_scale, scale_attention_logits
-
-    if cfg.logit_scale != "auto":
-        scale_attention_logits(converted, spec, float(cfg.logit_scale))
-        return {"logit_scale": float(cfg.logit_scale)}
+def _logit_scale_target(original, spec: ArchSpec, cfg, calibration_data, tokenizer):
+    """The reference the ``logit_scale="auto"`` searches share: the original's distributions on calibration text."""
     from .calibrate import _head_dim
+    from .sharpen import ReferenceKL
     from .statistics import calibration_blocks
 
-    blocks = calibration_blocks(original, calibration_data, tokenizer, cfg, _head_dim(original, spec))
-    return fit_logit_scale(original, converted, spec, blocks)
+    return ReferenceKL(original, calibration_blocks(original, calibration_data, tokenizer, cfg,
+                                                    _head_dim(original, spec)))
 
 
 def convert_to_gqa(
@@ -281,15 +287,24 @@ def convert_to_gqa(
     # Only fitted keys shrink the logits (hf_llmopt.gqa.sharpen); "auto" searches after each fit, a number is applied
     # once
     sharpen = extra.get("method") == "data_aware" and cfg.logit_scale != "off"
-    searches = [_logit_scale(model, new, spec, cfg, calibration_data, tokenizer)] if sharpen else []
+    target, searches = None, []
+    if sharpen:
+        from .sharpen import fit_logit_scale, scale_attention_logits
+
+        if cfg.logit_scale == "auto":
+            target = _logit_scale_target(model, spec, cfg, calibration_data, tokenizer)
+            searches.append(fit_logit_scale(new, spec, target))
+        else:
+            scale_attention_logits(new, spec, float(cfg.logit_scale))
+            searches.append({"logit_scale": float(cfg.logit_scale)})
     if cfg.layerwise_calibration and method not in ("repeat",):
         from .calibrate import layerwise_calibrate
 
         # the second search counts against the layer-wise budget: as long as the first one is reserved for it
         reserve = searches[0].get("logit_scale_seconds", 0.0) if searches else 0.0
         stats = layerwise_calibrate(model, new, spec, cfg, calibration_data, tokenizer, reserve_seconds=reserve)
-        if sharpen and cfg.logit_scale == "auto":
-            searches.append(_logit_scale(model, new, spec, cfg, calibration_data, tokenizer))
+        if target is not None:
+            searches.append(fit_logit_scale(new, spec, target))
             stats["layerwise_seconds"] = round(stats["layerwise_seconds"] + searches[-1].get(
                 "logit_scale_seconds", 0.0), 2)
         record.update(stats)

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec
-from .convert import get_attention, get_decoder_layers, num_heads_of
-from .layout import read_attention, write_attention
+from .convert import rewrite_attention
 
 SEARCH_TOKENS = 4096  # calibration tokens the KL of each candidate scale is measured on
 SEARCH_STEP = 0.1  # candidates are 1, 1 +- step, 1 +- 2 step, ... in the direction that helps, then one refinement
@@ -38,15 +37,10 @@ TOP_K = 64
 BATCH_SIZE = 8
 
 
-@torch.no_grad()
 def scale_attention_logits(model: nn.Module, spec: ArchSpec, factor: float) -> None:
     """Multiply every attention logit of ``model`` by ``factor`` (in place, through the query projections)."""
-    heads, kv = num_heads_of(model.config, spec)
-    for layer in get_decoder_layers(model, spec):
-        attention = get_attention(layer, spec)
-        w = read_attention(attention, spec.attention, heads, kv)
-        w = w.replace(q_weight=w.q_weight * factor, q_bias=None if w.q_bias is None else w.q_bias * factor)
-        write_attention(attention, spec.attention, w, patched=getattr(attention, "hf_llmopt_patched", False))
+    rewrite_attention(model, spec, lambda w: w.replace(
+        q_weight=w.q_weight * factor, q_bias=None if w.q_bias is None else w.q_bias * factor))
 
 
 def _log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -59,11 +53,17 @@ def _with_tail(top: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, rest.clamp_min(1e-30).log()], dim=-1)
 
 
-class _ReferenceKL:
-    """Mean per-token KL from ``reference``'s (coarsened) next-token distributions on ``blocks`` to a model's."""
+class ReferenceKL:
+    """Mean per-token KL from ``reference``'s (coarsened) next-token distributions on ``blocks`` to a model's.
+
+    The reference runs once, here, on the first :data:`SEARCH_TOKENS` tokens of ``blocks``; every search that
+    reuses this object (after the closed form, after the layer-wise stage) only runs the converted model.
+    """
 
     @torch.no_grad()
     def __init__(self, reference: nn.Module, blocks: torch.Tensor):
+        blocks = blocks[: max(1, SEARCH_TOKENS // blocks.shape[1])]
+        self.tokens = int(blocks.numel())
         self.batches = list(blocks.split(BATCH_SIZE))
         self.targets = []  # per batch: (log-probabilities with tail, indices) of the reference's top-k
         with _eval(reference):
@@ -94,9 +94,9 @@ class _eval:
         self.model.train(self.training)
 
 
-def fit_logit_scale(reference: nn.Module, model: nn.Module, spec: ArchSpec, blocks: torch.Tensor) -> dict:
-    """Scale ``model``'s attention logits by the factor whose next-token distributions are closest to
-    ``reference``'s on ``blocks`` (KL), in place.
+def fit_logit_scale(model: nn.Module, spec: ArchSpec, target: ReferenceKL) -> dict:
+    """Scale ``model``'s attention logits by the factor whose next-token distributions are closest to the
+    reference's (``target``), in place.
 
     Walks from 1 in steps of :data:`SEARCH_STEP` in the direction that lowers the KL until it rises again, then
     tries the vertex of the parabola through the best candidate and its two neighbours (kept only if it is better
@@ -104,11 +104,9 @@ def fit_logit_scale(reference: nn.Module, model: nn.Module, spec: ArchSpec, bloc
 
     Returns:
         For the conversion record: ``logit_scale`` (1.0 when nothing helped), each candidate's KL, the tokens
-        and the seconds spent.
+        and the seconds spent (the reference's pass is not in them: :class:`ReferenceKL` runs it once).
     """
     start = time.perf_counter()
-    blocks = blocks[: max(1, SEARCH_TOKENS // blocks.shape[1])]
-    kl = _ReferenceKL(reference, blocks)
     current = 1.0
     tried: dict[float, float] = {}
 
@@ -118,7 +116,7 @@ def fit_logit_scale(reference: nn.Module, model: nn.Module, spec: ArchSpec, bloc
         if scale not in tried:
             scale_attention_logits(model, spec, scale / current)
             current = scale
-            tried[scale] = kl(model)
+            tried[scale] = target(model)
         return tried[scale]
 
     best = 1.0
@@ -143,6 +141,6 @@ def fit_logit_scale(reference: nn.Module, model: nn.Module, spec: ArchSpec, bloc
     return {
         "logit_scale": best,
         "logit_scale_kl": {f"{s:g}": round(v, 5) for s, v in sorted(tried.items())},
-        "logit_scale_tokens": int(blocks.numel()),
+        "logit_scale_tokens": target.tokens,
         "logit_scale_seconds": round(time.perf_counter() - start, 2),
     }
