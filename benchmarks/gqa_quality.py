@@ -47,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--layerwise-minutes", type=float, default=5.0, help="0 skips the layer-wise run")
     p.add_argument("--layerwise-lr", type=float, default=GQAConfig.layerwise_lr)
     p.add_argument("--layerwise-batch-size", type=int, default=GQAConfig.layerwise_batch_size)
+    p.add_argument("--layerwise-drift", type=float, default=GQAConfig.layerwise_drift)
     p.add_argument("--layerwise-inputs", default=GQAConfig.layerwise_inputs,
                    help="comma-separated: one layer-wise run per value of GQAConfig.layerwise_inputs")
     p.add_argument("--calibration", choices=("self", "gsm8k", "mixed"), default="self",
@@ -90,7 +91,8 @@ def main(argv=None) -> dict:
     if args.layerwise_minutes > 0:
         runs += [("data_aware", {"layerwise_calibration": True, "layerwise_minutes": args.layerwise_minutes,
                                  "layerwise_lr": args.layerwise_lr, "layerwise_inputs": inputs,
-                                 "layerwise_batch_size": args.layerwise_batch_size})
+                                 "layerwise_batch_size": args.layerwise_batch_size,
+                                 "layerwise_drift": args.layerwise_drift})
                  for inputs in args.layerwise_inputs.split(",")]
     for method, extra in runs:
         start = time.perf_counter()
@@ -104,8 +106,8 @@ def main(argv=None) -> dict:
         record = getattr(converted.config, CONFIG_RECORD_KEY)
         rows.append({"method": name, "num_key_value_heads": args.num_key_value_heads,
                      "conversion_seconds": round(seconds, 1), **evaluate(converted),
-                     **{k: record[k] for k in ("logit_scale", "logit_scale_searches", "layerwise_seconds")
-                        if k in record}})
+                     **{k: record[k] for k in ("logit_scale", "logit_scale_searches", "layerwise_seconds",
+                                               "layerwise_drift") if k in record}})
         print(json.dumps(rows[-1]), flush=True)
         del converted
 

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 from hf_llmopt.architectures import get_arch_spec
 from hf_llmopt.data import DataTooShortError, pack_samples
 from hf_llmopt.gqa import convert_to_gqa
-from hf_llmopt.gqa.calibrate import block_relative_mse, capture_block_io
+from hf_llmopt.gqa.calibrate import _LayerCalls, _layer_data, block_relative_mse, capture_block_io
 from hf_llmopt.gqa.convert import get_attention, get_decoder_layers, num_heads_of
 from hf_llmopt.gqa.data_aware import _augmented
 from hf_llmopt.gqa.fits import (
@@ -27,7 +27,7 @@ from hf_llmopt.gqa.fits import (
 )
 from hf_llmopt.gqa.layout import read_attention, write_attention
 from hf_llmopt.gqa.sharpen import ReferenceKL, fit_logit_scale, scale_attention_logits
-from hf_llmopt.gqa.statistics import minimum_calibration_tokens, rotary_dim
+from hf_llmopt.gqa.statistics import forward_batches, minimum_calibration_tokens, rotary_dim
 
 from tiny_models import tiny_model
 
@@ -442,6 +442,51 @@ def test_pack_samples_drops_trailing_padding_and_keeps_the_end_of_turn():
     expected = torch.tensor([5, 6, 0, 7, 0, 8, 9, 10, 11, 12, 13, 14, 0])[:12].view(2, 6)  # last partial block dropped
     assert torch.equal(packed, expected)
     assert pack_samples(blocks, None) is blocks
+
+
+def test_drift_targets_put_the_converted_residual_stream_back_on_the_original():
+    """With converted inputs each block's target is the original block's output plus ``layerwise_drift`` times the
+    drift (original minus converted hidden state), so a block meeting it restores the original residual stream."""
+    model = tiny_model("llama", num_key_value_heads=2)
+    data = _data()
+    spec = get_arch_spec(model)
+    with torch.no_grad():
+        mean = convert_to_gqa(model, 1, method="mean")
+    recorders = [_LayerCalls(keep_input=i == 0, last=False) for i in range(len(get_decoder_layers(model, spec)))]
+    handles = [layer.register_forward_pre_hook(r, with_kwargs=True)
+               for layer, r in zip(get_decoder_layers(model, spec), recorders)]
+    with torch.no_grad():
+        forward_batches(model, data, 2, handles)
+    original_layer, converted_layer = get_decoder_layers(model, spec)[1], get_decoder_layers(mean, spec)[1]
+    teacher = [torch.randn(b.shape[0], b.shape[1], model.config.hidden_size) for b in data.split(2)]
+    student = [t + 0.3 * torch.randn_like(t) for t in teacher]
+    calls = recorders[1].calls
+    plain, _ = _layer_data(original_layer, converted_layer, spec, teacher, student, calls, drift=0.0)
+    pulled, _ = _layer_data(original_layer, converted_layer, spec, teacher, student, calls, drift=1.0)
+    half, _ = _layer_data(original_layer, converted_layer, spec, teacher, student, calls, drift=0.5)
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        torch.testing.assert_close(pulled.targets[i] - plain.targets[i], t - s)
+        torch.testing.assert_close(half.targets[i] - plain.targets[i], 0.5 * (t - s))
+        # the student's residual stream after the block, if the block met its target, is the original one
+        torch.testing.assert_close(s + pulled.targets[i], t + plain.targets[i])
+        torch.testing.assert_close(pulled.inputs[i], plain.inputs[i])  # the block is still fed the student
+    # end to end: layer 0 sees no drift (both models embed alike); later layers do, and it is recorded
+    errors = {}
+    for drift in (0.0, 1.0):
+        calibrated = convert_to_gqa(model, 1, method="mean", calibration_data=data, layerwise_calibration=True,
+                                    layerwise_minutes=1e-6, layerwise_inputs="converted", layerwise_drift=drift)
+        record = calibrated.config.hf_llmopt_gqa
+        assert record["layerwise_drift"] == drift
+        errors[drift] = [row["initial_mse"] for row in record["layerwise_layers"]]
+    assert errors[0.0][0] == pytest.approx(errors[1.0][0], rel=1e-5)
+    assert errors[0.0][1:] != pytest.approx(errors[1.0][1:], rel=1e-3)
+    original_inputs = convert_to_gqa(model, 1, method="mean", calibration_data=data, layerwise_calibration=True,
+                                     layerwise_minutes=1e-6, layerwise_inputs="original")
+    assert original_inputs.config.hf_llmopt_gqa["layerwise_drift"] == 0.0  # no drift to cancel
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="layerwise_drift"):
+            convert_to_gqa(model, 1, method="mean", calibration_data=data, layerwise_calibration=True,
+                           layerwise_drift=bad)
 
 
 def test_layerwise_inputs_must_be_known():

@@ -2,10 +2,11 @@
 
 After a conversion, every attention block of the converted model is trained on its own (Adam on its q/k/v/o
 projections only, no end-to-end backward) to reproduce the ORIGINAL block's outputs, fed either the original
-model's hidden states or the converted model's own. One forward pass of the original model records every decoder
-layer's call arguments; the layers are then replayed one at a time, and each block is called through its own
-``forward`` with the recorded ``position_embeddings`` and ``attention_mask``, so whatever the family does inside
-attention (RoPE variants, norms, soft-capping, ALiBi) is respected.
+model's hidden states or the converted model's own (then also to cancel the drift between the two). One forward
+pass of the original model records every decoder layer's call arguments; the layers are then replayed one at a
+time, and each block is called through its own ``forward`` with the recorded ``position_embeddings`` and
+``attention_mask``, so whatever the family does inside attention (RoPE variants, norms, soft-capping, ALiBi) is
+respected.
 """
 
 from __future__ import annotations
@@ -180,8 +181,11 @@ class _InputHook:
 
 @torch.no_grad()
 def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, student: list,
-                calls: list) -> tuple[_LayerData, list]:
+                calls: list, drift: float = 0.0) -> tuple[_LayerData, list]:
     """One layer's fitting data: the original block's outputs on ``teacher``, its attention inputs from ``student``.
+
+    With ``drift`` the targets also hold that fraction of ``teacher - student`` (the residual stream's drift at the
+    layer's input): a block whose output meets them puts the converted residual stream back on the original one.
 
     Returns the data and the original layer's outputs (the next layer's teacher inputs).
     """
@@ -205,6 +209,8 @@ def _layer_data(original_layer, converted_layer, spec: ArchSpec, teacher: list, 
         finally:
             handle.remove()
         data.inputs = inputs
+        if drift:
+            data.targets = [y + drift * (t - s).to(y.dtype) for y, t, s in zip(data.targets, teacher, student)]
     return data, outputs
 
 
@@ -216,7 +222,9 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
     two copies at most), whatever the depth. Every block is fitted to reproduce what the original block outputs on
     the original model's hidden states. With ``cfg.layerwise_inputs="original"`` it is fed those same hidden states
     (every block fitted independently); with ``"converted"`` it is fed the converted model's own hidden states
-    (layers ``< l`` already calibrated), so each block also absorbs the drift that the blocks before it left.
+    (layers ``< l`` already calibrated), and its target is the original block's output plus
+    ``cfg.layerwise_drift`` times the drift between the two models' hidden states at its input, so each block also
+    pulls the converted residual stream back towards the original one.
 
     Each block gets an equal share of what is left of ``cfg.layerwise_minutes`` (the forward passes count against
     the budget too). A block whose error did not go down keeps its closed-form weights. Self-sampled calibration
@@ -256,7 +264,8 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         for index, (original_layer, layer) in enumerate(zip(originals, layers)):
             calls = recorders[index].calls
             pass_start = time.perf_counter()
-            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls)
+            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls,
+                                                   cfg.layerwise_drift if sequential else 0.0)
             pass_seconds = time.perf_counter() - pass_start
             attention = get_attention(layer, spec)
             params = trainable_parameters(attention, spec)
@@ -299,6 +308,7 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         "layerwise_tokens": int(blocks.numel()),
         "layerwise_lr": cfg.layerwise_lr,
         "layerwise_inputs": cfg.layerwise_inputs,
+        "layerwise_drift": cfg.layerwise_drift if sequential else 0.0,
         "layerwise_layers": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                              for r in per_layer],
     }

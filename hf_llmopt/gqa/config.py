@@ -35,13 +35,21 @@ class GQAConfig:
             budgets recover; SmolLM2 at 3 -> 1 KV heads after 3 minutes: 4.7x the original perplexity at 3e-4, 10.1x
             at 1e-3, from 3.5x before the stage).
         layerwise_batch_size: calibration sequences per Adam step of the layer-wise stage (2: twice the steps of 4
-            in the same time; SmolLM2 at 3 -> 1 KV heads after 10 minutes, converted inputs: 2.02x / 2.07x of the
-            original chat / prose perplexity against 2.04x / 2.09x with 4).
+            in the same time; SmolLM2 at 3 -> 1 KV heads after 10 minutes, converted inputs, ``layerwise_drift=0``:
+            2.02x / 2.07x of the original chat / prose perplexity against 2.04x / 2.09x with 4).
         layerwise_inputs: what each block is fed during the layer-wise stage: ``"converted"`` (the converted model's
             own hidden states, blocks fitted first to last, each also absorbing the drift the earlier ones left) or
             ``"original"`` (the original model's hidden states; every block fitted independently). SmolLM2 at 3 -> 1
-            KV heads after 10 minutes (batch 4): 2.04x / 2.09x of the original chat / prose perplexity with
-            ``"converted"``, 2.05x / 2.16x with ``"original"``.
+            KV heads after 10 minutes (batch 4, ``layerwise_drift=0``): 2.04x / 2.09x of the original chat / prose
+            perplexity with ``"converted"``, 2.05x / 2.16x with ``"original"``.
+        layerwise_drift: with ``layerwise_inputs="converted"``, how much of the residual stream's drift (the original
+            model's hidden state minus the converted model's, at the block's input) each block is also fit to cancel:
+            its target is the original block's output plus ``layerwise_drift`` times the drift, so that after the
+            residual addition the converted hidden state moves back towards the original one. ``0`` fits the
+            original block's output alone. With original inputs there is no drift. SmolLM2 at 3 -> 1 KV heads after
+            10 minutes (1 thread, next to another job): 1.99x / 2.08x of the original chat / prose perplexity with
+            ``1``, 2.01x / 2.08x with ``0.5``, 2.10x / 2.15x with ``0``; with 2 threads alone 1.90x / 2.00x with
+            ``1`` against 2.02x / 2.07x with ``0``.
         logit_scale: after fitting the keys (``data_aware``), multiply every attention logit by one factor (through
             the query projections): ``"auto"`` searches it on the calibration text (the KL from the original model's
             next-token distributions there; again after the layer-wise stage, inside its budget), a number fixes it
@@ -65,6 +73,8 @@ class GQAConfig:
     layerwise_inputs: str = field(default="converted", metadata={"help": "Hidden states fed to each block in the "
                                   "layer-wise stage: 'original' (the original model's) or 'converted' (its own).",
                                   "choices": list(LAYERWISE_INPUTS)})
+    layerwise_drift: float = field(default=1.0, metadata={"help": "Fraction of the residual drift (original minus "
+                                   "converted hidden state) each block is also fit to cancel (converted inputs)."})
     logit_scale: str = field(default="auto", metadata={"help": "Logit scale after fitting the keys (data_aware): "
                              "'auto' (searched on the calibration text), 'off', or a number."})
     group_by_similarity: bool = field(default=True, metadata={"help": "Group similar KV heads (G > 1, "
@@ -82,6 +92,8 @@ class GQAConfig:
             raise ValueError("calibration_tokens must be >= 1 and calibration_seq_len >= 2")
         if self.layerwise_inputs not in LAYERWISE_INPUTS:
             raise ValueError(f"layerwise_inputs={self.layerwise_inputs!r} is not one of {LAYERWISE_INPUTS}")
+        if not 0.0 <= self.layerwise_drift <= 1.0:
+            raise ValueError(f"layerwise_drift must be between 0 and 1, got {self.layerwise_drift}")
         self.logit_scale = _logit_scale_value(self.logit_scale)
         if self.layerwise_batch_size < 1:
             raise ValueError(f"layerwise_batch_size must be >= 1, got {self.layerwise_batch_size}")
