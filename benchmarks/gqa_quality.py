@@ -3,14 +3,17 @@
 Held-out chat text: the last ``--held-out-rows`` rows of GSM8K train, chat-formatted (calibration never sees them: by
 default it samples its own text from the model; ``--calibration gsm8k`` takes the GSM8K rows before them, ``mixed``
 both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for this benchmark).
-Prints a table and writes ``benchmarks/results/gqa_quality.json``.
+Prints a table and writes ``benchmarks/results/gqa_quality.json`` (or ``--out``). At the current defaults:
 
-    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2 --layerwise-inputs original,converted \
-        --layerwise-batch-size 4
-    python benchmarks/gqa_quality.py --methods "" --layerwise-minutes 10 --threads 2 \
-        --layerwise-inputs converted,original --layerwise-batch-size 2 --out benchmarks/results/gqa_quality_batch2.json
-    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2 --calibration gsm8k \
+    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2
+    python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2 --methods data_aware --calibration gsm8k \
         --out benchmarks/results/gqa_quality_gsm8k_calibration.json
+
+The stage as it was before the drift target (``gqa_quality_batch2.json``, ``gqa_quality_batch4.json``):
+
+    python benchmarks/gqa_quality.py --methods "" --layerwise-minutes 10 --threads 2 --layerwise-drift 0 \
+        --layerwise-lr 3e-4 --layerwise-inputs converted,original --layerwise-batch-size 2 \
+        --out benchmarks/results/gqa_quality_batch2.json
 """
 
 from __future__ import annotations

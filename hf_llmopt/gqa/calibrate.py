@@ -252,6 +252,7 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         forward_batches(original, blocks, cfg.layerwise_batch_size, handles)  # one Adam step per batch
     teacher = recorders[0].inputs
     sequential = cfg.layerwise_inputs == "converted"
+    drift = cfg.layerwise_drift if sequential else 0.0  # with original inputs there is none
     student = [h.clone() for h in teacher] if sequential else teacher
     was_training, original_training = converted.training, original.training
     converted.eval()  # no dropout: the fit targets the deterministic block
@@ -264,8 +265,7 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         for index, (original_layer, layer) in enumerate(zip(originals, layers)):
             calls = recorders[index].calls
             pass_start = time.perf_counter()
-            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls,
-                                                   cfg.layerwise_drift if sequential else 0.0)
+            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls, drift)
             pass_seconds = time.perf_counter() - pass_start
             attention = get_attention(layer, spec)
             params = trainable_parameters(attention, spec)
@@ -308,7 +308,7 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
         "layerwise_tokens": int(blocks.numel()),
         "layerwise_lr": cfg.layerwise_lr,
         "layerwise_inputs": cfg.layerwise_inputs,
-        "layerwise_drift": cfg.layerwise_drift if sequential else 0.0,
+        "layerwise_drift": drift,
         "layerwise_layers": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
                              for r in per_layer],
     }

@@ -37,13 +37,13 @@ class GQAConfig:
             2.13x at 2e-4. Before the drift target 3e-4 was best: at 1e-3 the first steps undid more than short
             budgets recovered).
         layerwise_batch_size: calibration sequences per Adam step of the layer-wise stage (2: twice the steps of 4
-            in the same time; SmolLM2 at 3 -> 1 KV heads after 10 minutes, converted inputs, ``layerwise_drift=0``:
-            2.02x / 2.07x of the original chat / prose perplexity against 2.04x / 2.09x with 4).
+            in the same time; SmolLM2 at 3 -> 1 KV heads after 10 minutes, converted inputs, ``layerwise_drift=0``,
+            lr 3e-4: 2.02x / 2.07x of the original chat / prose perplexity against 2.04x / 2.09x with 4).
         layerwise_inputs: what each block is fed during the layer-wise stage: ``"converted"`` (the converted model's
             own hidden states, blocks fitted first to last, each also absorbing the drift the earlier ones left) or
             ``"original"`` (the original model's hidden states; every block fitted independently). SmolLM2 at 3 -> 1
-            KV heads after 10 minutes (batch 4, ``layerwise_drift=0``): 2.04x / 2.09x of the original chat / prose
-            perplexity with ``"converted"``, 2.05x / 2.16x with ``"original"``.
+            KV heads after 10 minutes (batch 4, ``layerwise_drift=0``, lr 3e-4): 2.04x / 2.09x of the original chat /
+            prose perplexity with ``"converted"``, 2.05x / 2.16x with ``"original"``.
         layerwise_drift: with ``layerwise_inputs="converted"``, how much of the residual stream's drift (the original
             model's hidden state minus the converted model's, at the block's input) each block is also fit to cancel:
             its target is the original block's output plus ``layerwise_drift`` times the drift, so that after the
