@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import torch
 
 from ._compat import chat_input_ids
+from .evaluation import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -266,33 +267,31 @@ def sample_token_blocks(model, tokenizer, num_tokens: int, seq_len: int, seed: i
     pad = sampling_pad_token_id(tokenizer)
     blocks = []
     progress = tqdm(total=n_blocks, desc="Sampling text from the model", unit="seq")
-    was_training = model.training
-    model.eval()
     torch.manual_seed(seed)
-    while len(blocks) < n_blocks:
-        size = min(batch_size, n_blocks - len(blocks))
-        pool = SAMPLING_PROMPTS if style == "chat" else SAMPLING_OPENERS
-        prompts = [pool[int(i)] for i in torch.randint(len(pool), (size,), generator=gen)]
-        if style == "chat" and getattr(tokenizer, "chat_template", None):
-            prompt_ids = [chat_input_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
-                          for p in prompts]
-        else:
-            prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-        width = max(len(p) for p in prompt_ids)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0,
-                             top_p=SAMPLING_TOP_P, max_new_tokens=max(1, seq_len - min(len(p) for p in prompt_ids)),
-                             min_new_tokens=1, pad_token_id=pad)
-        for row, p in zip(out, prompt_ids):
-            tokens = row[width - len(p):].tolist()  # drop left padding, keep prompt + reply (+ any pad after EOS)
-            tokens = (tokens + [pad] * seq_len)[:seq_len]
-            blocks.append(tokens)
-            progress.update()
-            if len(blocks) == n_blocks:
-                break
+    with eval_mode(model):
+        while len(blocks) < n_blocks:
+            size = min(batch_size, n_blocks - len(blocks))
+            pool = SAMPLING_PROMPTS if style == "chat" else SAMPLING_OPENERS
+            prompts = [pool[int(i)] for i in torch.randint(len(pool), (size,), generator=gen)]
+            if style == "chat" and getattr(tokenizer, "chat_template", None):
+                prompt_ids = [chat_input_ids(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)
+                              for p in prompts]
+            else:
+                prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+            width = max(len(p) for p in prompt_ids)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
+            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0,
+                                 top_p=SAMPLING_TOP_P, max_new_tokens=max(1, seq_len - min(len(p) for p in prompt_ids)),
+                                 min_new_tokens=1, pad_token_id=pad)
+            for row, p in zip(out, prompt_ids):
+                tokens = row[width - len(p):].tolist()  # drop left padding, keep prompt + reply (+ any pad after EOS)
+                tokens = (tokens + [pad] * seq_len)[:seq_len]
+                blocks.append(tokens)
+                progress.update()
+                if len(blocks) == n_blocks:
+                    break
     progress.close()
-    model.train(was_training)
     result = torch.tensor(blocks, dtype=torch.long)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)

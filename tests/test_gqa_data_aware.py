@@ -13,6 +13,7 @@ from hf_llmopt.architectures import get_arch_spec
 from hf_llmopt.data import DataTooShortError, pack_samples
 from hf_llmopt.gqa import convert_to_gqa
 from hf_llmopt.gqa.calibrate import _LayerCalls, _layer_data, block_relative_mse, capture_block_io
+from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.gqa.convert import get_attention, get_decoder_layers, num_heads_of
 from hf_llmopt.gqa.data_aware import _augmented
 from hf_llmopt.gqa.fits import (
@@ -431,6 +432,52 @@ def test_fixed_logit_scale_and_both_searches_are_recorded():
     for bad in ("sharp", -1, 0):
         with pytest.raises(ValueError, match="logit_scale"):
             convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale=bad)
+
+
+def test_one_conversion_builds_its_calibration_blocks_once(monkeypatch):
+    from hf_llmopt.gqa import statistics
+
+    built = []
+    build = statistics._build_calibration_blocks
+    monkeypatch.setattr(statistics, "_build_calibration_blocks", lambda *a, **k: built.append(1) or build(*a, **k))
+    model = tiny_model("llama", num_key_value_heads=2)
+    data = _data()
+    converted = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, layerwise_calibration=True,
+                               layerwise_minutes=0.02)
+    record = converted.config.hf_llmopt_gqa
+    # the closed-form statistics, the layer-wise stage and both logit-scale searches all ran on them
+    assert len(record["logit_scale_searches"]) == 2 and record["layerwise_steps"] > 0
+    assert len(built) == 1
+    convert_to_gqa(model, 1, method="data_aware", calibration_data=data)
+    assert len(built) == 2  # the memo lives for one conversion only
+    gqa = GQAConfig(num_key_value_heads=1)
+    for _ in range(2):  # outside a conversion nothing is kept
+        statistics.calibration_blocks(model, data, None, gqa, 16)
+    assert len(built) == 4
+
+
+def test_eval_mode_gives_every_model_its_flag_back_also_on_error():
+    from hf_llmopt.evaluation import eval_mode
+
+    first, second = tiny_model("llama"), tiny_model("llama")
+    first.train()
+    second.eval()
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(first, second):
+            assert not first.training and not second.training
+            raise RuntimeError("inside")
+    assert first.training and not second.training
+
+    def failing_hook(module, args):
+        raise ValueError("hook failed")
+
+    layer = get_decoder_layers(first, get_arch_spec(first))[0]
+    handle = layer.register_forward_pre_hook(failing_hook)
+    with pytest.raises(ValueError, match="hook failed"):
+        forward_batches(first, _data(), 4, [handle])
+    assert first.training  # back in training mode, and the hook is gone
+    first.eval()
+    first(input_ids=_data(1))
 
 
 def test_pack_samples_drops_trailing_padding_and_keeps_the_end_of_turn():

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec
+from ..evaluation import eval_mode
 from .convert import get_attention, get_decoder_layers
 from .statistics import _ResidualScale, _StopForward, calibration_blocks, forward_batches
 
@@ -254,53 +255,49 @@ def layerwise_calibrate(original, converted, spec: ArchSpec, cfg, calibration_da
     sequential = cfg.layerwise_inputs == "converted"
     drift = cfg.layerwise_drift if sequential else 0.0  # with original inputs there is none
     student = [h.clone() for h in teacher] if sequential else teacher
-    was_training, original_training = converted.training, original.training
-    converted.eval()  # no dropout: the fit targets the deterministic block
-    original.eval()
     flags = {p: p.requires_grad for p in converted.parameters()}
     per_layer = []
-    try:
-        for p in converted.parameters():
-            p.requires_grad_(False)
-        for index, (original_layer, layer) in enumerate(zip(originals, layers)):
-            calls = recorders[index].calls
-            pass_start = time.perf_counter()
-            layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls, drift)
-            pass_seconds = time.perf_counter() - pass_start
-            attention = get_attention(layer, spec)
-            params = trainable_parameters(attention, spec)
-            backup = [p.detach().clone() for p in params]
-            for p in params:
-                p.requires_grad_(True)
-            before = block_relative_mse(attention, layer_data)
-            # the forward passes of the layers still to come (about 1.5x this one's: one more to advance) are
-            # reserved before the rest is shared
-            reserve = 1.5 * pass_seconds * (len(layers) - index - 1)
-            share = max(0.0, deadline - time.perf_counter() - reserve) / (len(layers) - index)
-            steps = fit_block(attention, params, layer_data, share, cfg.layerwise_lr) if share > 0 else 0
-            after = block_relative_mse(attention, layer_data)
-            if not after < before:  # keep the closed form when the fit did not help (or diverged)
-                with torch.no_grad():
-                    for p, b in zip(params, backup):
-                        p.copy_(b)
-                after = before
-            for p in params:
+    with eval_mode(converted, original):  # no dropout: the fit targets the deterministic block
+        try:
+            for p in converted.parameters():
                 p.requires_grad_(False)
-                p.grad = None
-            per_layer.append({"layer": index, "initial_mse": before, "final_mse": after, "steps": steps})
-            logger.info("layer-wise calibration, layer %d: relative MSE %.4g -> %.4g in %d steps", index, before,
-                        after, steps)
-            if index + 1 < len(layers):
-                with torch.no_grad():
-                    student = ([_run_layer(layer, h, call) for h, call in zip(student, calls)]
-                               if sequential else next_teacher)
-            teacher = next_teacher
-            del layer_data
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        converted.train(was_training)
-        original.train(original_training)
+            for index, (original_layer, layer) in enumerate(zip(originals, layers)):
+                calls = recorders[index].calls
+                pass_start = time.perf_counter()
+                layer_data, next_teacher = _layer_data(original_layer, layer, spec, teacher, student, calls, drift)
+                pass_seconds = time.perf_counter() - pass_start
+                attention = get_attention(layer, spec)
+                params = trainable_parameters(attention, spec)
+                backup = [p.detach().clone() for p in params]
+                for p in params:
+                    p.requires_grad_(True)
+                before = block_relative_mse(attention, layer_data)
+                # the forward passes of the layers still to come (about 1.5x this one's: one more to advance) are
+                # reserved before the rest is shared
+                reserve = 1.5 * pass_seconds * (len(layers) - index - 1)
+                share = max(0.0, deadline - time.perf_counter() - reserve) / (len(layers) - index)
+                steps = fit_block(attention, params, layer_data, share, cfg.layerwise_lr) if share > 0 else 0
+                after = block_relative_mse(attention, layer_data)
+                if not after < before:  # keep the closed form when the fit did not help (or diverged)
+                    with torch.no_grad():
+                        for p, b in zip(params, backup):
+                            p.copy_(b)
+                    after = before
+                for p in params:
+                    p.requires_grad_(False)
+                    p.grad = None
+                per_layer.append({"layer": index, "initial_mse": before, "final_mse": after, "steps": steps})
+                logger.info("layer-wise calibration, layer %d: relative MSE %.4g -> %.4g in %d steps", index, before,
+                            after, steps)
+                if index + 1 < len(layers):
+                    with torch.no_grad():
+                        student = ([_run_layer(layer, h, call) for h, call in zip(student, calls)]
+                                   if sequential else next_teacher)
+                teacher = next_teacher
+                del layer_data
+        finally:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
     return {
         "layerwise_calibration": True,
         "layerwise_seconds": round(time.perf_counter() - start, 2),

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..architectures import ArchSpec
+from ..evaluation import eval_mode
 from .convert import rewrite_attention
 
 SEARCH_TOKENS = 4096  # calibration tokens the KL of each candidate scale is measured on
@@ -67,7 +68,7 @@ class ReferenceKL:
         self.tokens = int(blocks.numel())
         self.batches = list(blocks.split(BATCH_SIZE))
         self.targets = []  # per batch: (log-probabilities with tail, indices) of the reference's top-k
-        with _eval(reference):
+        with eval_mode(reference):
             for batch in self.batches:
                 top, index = _log_probs(reference, batch).topk(min(TOP_K, reference.config.get_text_config(
                     ).vocab_size), dim=-1)
@@ -76,23 +77,12 @@ class ReferenceKL:
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
         total, count = 0.0, 0
-        with _eval(model):
+        with eval_mode(model):
             for batch, (ref, index) in zip(self.batches, self.targets):
                 mine = _with_tail(_log_probs(model, batch).gather(-1, index))
                 total += float((ref.exp() * (ref - mine)).sum())
                 count += ref.shape[0] * ref.shape[1]
         return total / max(count, 1)
-
-
-class _eval:
-    def __init__(self, model: nn.Module):
-        self.model, self.training = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.training)
 
 
 def fit_logit_scale(model: nn.Module, spec: ArchSpec, target: ReferenceKL) -> dict:

@@ -16,6 +16,7 @@ of 577 x 577 per head). Memory is bounded by these moments, whatever the number 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from torch import nn
 from .._compat import rope_parameters
 from ..architectures import ArchSpec
 from ..data import DataTooShortError, pack_samples, query_positions, sampling_pad_token_id, token_blocks
+from ..evaluation import eval_mode
 from .layout import AttentionWeights
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,46 @@ def minimum_calibration_tokens(head_dim: int) -> int:
     return max(512, 4 * head_dim)
 
 
+# Per conversion (see shared_calibration_blocks): calibration_blocks' results by their arguments.
+_BLOCKS_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hf_llmopt_calibration_blocks",
+                                                                            default=None)
+
+
+@contextlib.contextmanager
+def shared_calibration_blocks():
+    """Within this block, :func:`calibration_blocks` builds the blocks once per model, data source and settings.
+
+    One conversion asks for them up to three times (the closed-form statistics, the layer-wise stage and the
+    logit-scale search); a user's dataset is then loaded and tokenized once. The memo is keyed by the identity of
+    the objects passed, which the caller keeps alive for the whole block, and is dropped at its end.
+    """
+    token = _BLOCKS_MEMO.set({})
+    try:
+        yield
+    finally:
+        _BLOCKS_MEMO.reset(token)
+
+
 def calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim: int) -> torch.Tensor:
     """``(N, T)`` calibration token ids from any data source (``None``: text sampled from the model itself, packed
-    by :func:`~hf_llmopt.data.pack_samples`).
+    by :func:`~hf_llmopt.data.pack_samples`). Built once per conversion (:func:`shared_calibration_blocks`).
 
     Raises:
         ValueError: ``calibration_data`` is ``None`` and no tokenizer was given (sampling needs one).
         DataTooShortError: fewer than :func:`minimum_calibration_tokens` tokens.
     """
+    memo = _BLOCKS_MEMO.get()
+    key = (id(model), id(calibration_data), id(tokenizer), cfg.calibration_tokens, cfg.calibration_seq_len, cfg.seed,
+           head_dim)
+    if memo is not None and key in memo:
+        return memo[key]
+    blocks = _build_calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim)
+    if memo is not None:
+        memo[key] = blocks
+    return blocks
+
+
+def _build_calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim: int) -> torch.Tensor:
     if calibration_data is None and tokenizer is None:
         raise ValueError(
             "data-aware GQA conversion needs calibration text: pass tokenizer= (the default calibration data is "
@@ -223,20 +257,18 @@ def forward_batches(model, blocks: torch.Tensor, batch_size: int, handles: list,
     from tqdm.auto import tqdm
 
     starts = range(0, blocks.shape[0], batch_size)
-    was_training = model.training
-    model.eval()
     try:
-        for start in (tqdm(starts, desc=progress, unit="batch") if progress else starts):
-            if before_batch is not None:
-                before_batch(start)
-            try:
-                model(input_ids=blocks[start:start + batch_size], use_cache=False)
-            except _StopForward:
-                pass
+        with eval_mode(model):
+            for start in (tqdm(starts, desc=progress, unit="batch") if progress else starts):
+                if before_batch is not None:
+                    before_batch(start)
+                try:
+                    model(input_ids=blocks[start:start + batch_size], use_cache=False)
+                except _StopForward:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
 
 
 @torch.no_grad()
