@@ -23,6 +23,7 @@ from ..architectures import ArchSpec, get_arch_spec
 from .config import GQAConfig
 from .layout import AttentionWeights, kv_norm_per_head, read_attention, write_attention
 from .pooling import contiguous_groups, merge_kv_heads, repeat_kv_heads, valid_num_kv_heads
+from .statistics import calibration_blocks, shared_calibration_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +197,13 @@ def _logit_scale_target(original, spec: ArchSpec, cfg, calibration_data, tokeniz
     """The reference the ``logit_scale="auto"`` searches share: the original's distributions on calibration text."""
     from .calibrate import _head_dim
     from .sharpen import ReferenceKL
-    from .statistics import calibration_blocks
 
     return ReferenceKL(original, calibration_blocks(original, calibration_data, tokenizer, cfg,
                                                     _head_dim(original, spec)))
 
 
+# one conversion builds its calibration blocks once: the fits, the layer-wise stage and the scale search share them
+@shared_calibration_blocks()
 def convert_to_gqa(
     model: nn.Module,
     num_key_value_heads: int,
@@ -245,76 +247,74 @@ def convert_to_gqa(
     check_num_kv_heads(heads, num_key_value_heads)
     method = AUTO_METHOD if cfg.method == "auto" else cfg.method
     start = time.perf_counter()
-    from .statistics import shared_calibration_blocks
 
-    with shared_calibration_blocks():  # the fits, the layer-wise stage and the scale search share them
-        layers = get_decoder_layers(model, spec)
-        weights = [read_attention(get_attention(layer, spec), spec.attention, heads, kv).to(torch.float32)
-                   for layer in layers]
-        extra: dict = {}
-        if num_key_value_heads >= kv or method == "mean":
-            # Expansion (G >= KV) is exact, so every method reduces to the mean path there.
-            new_weights = [mean_pool_attention(w, spec, num_key_value_heads) for w in weights]
-            method = "mean" if num_key_value_heads < kv else "repeat"
+    layers = get_decoder_layers(model, spec)
+    weights = [read_attention(get_attention(layer, spec), spec.attention, heads, kv).to(torch.float32)
+               for layer in layers]
+    extra: dict = {}
+    if num_key_value_heads >= kv or method == "mean":
+        # Expansion (G >= KV) is exact, so every method reduces to the mean path there.
+        new_weights = [mean_pool_attention(w, spec, num_key_value_heads) for w in weights]
+        method = "mean" if num_key_value_heads < kv else "repeat"
+    else:
+        if method not in DATA_AWARE_METHODS:
+            from . import data_aware  # noqa: F401  (registers the data-aware methods)
+        if method not in DATA_AWARE_METHODS:
+            raise ValueError(f"GQA method {method!r} is not available; registered: {sorted(DATA_AWARE_METHODS)}")
+        new_weights, extra = DATA_AWARE_METHODS[method](
+            model, spec, weights, num_key_value_heads, cfg, calibration_data, tokenizer
+        )
+        # A closed-form fit can leave query/key and value/output pairs far out of balance (o_proj 10-50x the
+        # original's RMS on SmolLM2), which makes Adam diverge in the layer-wise stage and in uptraining.
+        # Rebalancing is exact: the converted model computes the same function.
+        from .balance import balance_attention_weights
+
+        scale_keys = spec.attention.kv_norm is None and spec.attention.q_norm is None
+        new_weights = [balance_attention_weights(w, scale_keys) for w in new_weights]
+
+    record = {
+        "method": method,
+        "requested_method": cfg.method,
+        "num_key_value_heads": num_key_value_heads,
+        "source_num_key_value_heads": kv,
+        "num_attention_heads": heads,
+        "groups": [list(range(g * (heads // num_key_value_heads), (g + 1) * (heads // num_key_value_heads)))
+                   for g in range(num_key_value_heads)],
+        "source_model": _source_name(model),
+        "hf_llmopt_version": __version__,
+        "library_versions": library_versions(),
+        **extra,
+    }
+    new = build_converted_model(model, spec, new_weights, record)
+    # Only fitted keys shrink the logits (hf_llmopt.gqa.sharpen); "auto" searches after each fit, a number is applied
+    # once
+    sharpen = extra.get("method") == "data_aware" and cfg.logit_scale != "off"
+    target, searches = None, []
+    if sharpen:
+        from .sharpen import fit_logit_scale, scale_attention_logits
+
+        if cfg.logit_scale == "auto":
+            target = _logit_scale_target(model, spec, cfg, calibration_data, tokenizer)
+            searches.append(fit_logit_scale(new, spec, target))
         else:
-            if method not in DATA_AWARE_METHODS:
-                from . import data_aware  # noqa: F401  (registers the data-aware methods)
-            if method not in DATA_AWARE_METHODS:
-                raise ValueError(f"GQA method {method!r} is not available; registered: {sorted(DATA_AWARE_METHODS)}")
-            new_weights, extra = DATA_AWARE_METHODS[method](
-                model, spec, weights, num_key_value_heads, cfg, calibration_data, tokenizer
-            )
-            # A closed-form fit can leave query/key and value/output pairs far out of balance (o_proj 10-50x the
-            # original's RMS on SmolLM2), which makes Adam diverge in the layer-wise stage and in uptraining.
-            # Rebalancing is exact: the converted model computes the same function.
-            from .balance import balance_attention_weights
+            scale_attention_logits(new, spec, float(cfg.logit_scale))
+            searches.append({"logit_scale": float(cfg.logit_scale)})
+    if cfg.layerwise_calibration and method not in ("repeat",):
+        from .calibrate import layerwise_calibrate
 
-            scale_keys = spec.attention.kv_norm is None and spec.attention.q_norm is None
-            new_weights = [balance_attention_weights(w, scale_keys) for w in new_weights]
-
-        record = {
-            "method": method,
-            "requested_method": cfg.method,
-            "num_key_value_heads": num_key_value_heads,
-            "source_num_key_value_heads": kv,
-            "num_attention_heads": heads,
-            "groups": [list(range(g * (heads // num_key_value_heads), (g + 1) * (heads // num_key_value_heads)))
-                       for g in range(num_key_value_heads)],
-            "source_model": _source_name(model),
-            "hf_llmopt_version": __version__,
-            "library_versions": library_versions(),
-            **extra,
-        }
-        new = build_converted_model(model, spec, new_weights, record)
-        # Only fitted keys shrink the logits (hf_llmopt.gqa.sharpen); "auto" searches after each fit, a number is applied
-        # once
-        sharpen = extra.get("method") == "data_aware" and cfg.logit_scale != "off"
-        target, searches = None, []
-        if sharpen:
-            from .sharpen import fit_logit_scale, scale_attention_logits
-
-            if cfg.logit_scale == "auto":
-                target = _logit_scale_target(model, spec, cfg, calibration_data, tokenizer)
-                searches.append(fit_logit_scale(new, spec, target))
-            else:
-                scale_attention_logits(new, spec, float(cfg.logit_scale))
-                searches.append({"logit_scale": float(cfg.logit_scale)})
-        if cfg.layerwise_calibration and method not in ("repeat",):
-            from .calibrate import layerwise_calibrate
-
-            # the second search counts against the layer-wise budget: as long as the first one is reserved for it
-            reserve = searches[0].get("logit_scale_seconds", 0.0) if searches else 0.0
-            stats = layerwise_calibrate(model, new, spec, cfg, calibration_data, tokenizer, reserve_seconds=reserve)
-            if target is not None:
-                searches.append(fit_logit_scale(new, spec, target))
-                stats["layerwise_seconds"] = round(stats["layerwise_seconds"] + searches[-1].get(
-                    "logit_scale_seconds", 0.0), 2)
-            record.update(stats)
-        if searches:
-            record["logit_scale"] = round(math.prod(s["logit_scale"] for s in searches), 4)
-            record["logit_scale_searches"] = searches
-        record["conversion_seconds"] = round(time.perf_counter() - start, 2)
-        setattr(new.config, CONFIG_RECORD_KEY, record)
-        logger.info("Converted %s to %d KV heads with %s in %.1fs", type(model).__name__, num_key_value_heads,
-                    method, record["conversion_seconds"])
-        return new
+        # the second search counts against the layer-wise budget: as long as the first one is reserved for it
+        reserve = searches[0].get("logit_scale_seconds", 0.0) if searches else 0.0
+        stats = layerwise_calibrate(model, new, spec, cfg, calibration_data, tokenizer, reserve_seconds=reserve)
+        if target is not None:
+            searches.append(fit_logit_scale(new, spec, target))
+            stats["layerwise_seconds"] = round(stats["layerwise_seconds"] + searches[-1].get(
+                "logit_scale_seconds", 0.0), 2)
+        record.update(stats)
+    if searches:
+        record["logit_scale"] = round(math.prod(s["logit_scale"] for s in searches), 4)
+        record["logit_scale_searches"] = searches
+    record["conversion_seconds"] = round(time.perf_counter() - start, 2)
+    setattr(new.config, CONFIG_RECORD_KEY, record)
+    logger.info("Converted %s to %d KV heads with %s in %.1fs", type(model).__name__, num_key_value_heads,
+                method, record["conversion_seconds"])
+    return new
