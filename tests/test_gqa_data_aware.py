@@ -434,6 +434,23 @@ def test_fixed_logit_scale_and_both_searches_are_recorded():
             convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale=bad)
 
 
+def test_static_rope_angle_chooses_the_pairs_fitted_with_any_key_map():
+    model = tiny_model("llama", num_key_value_heads=2)
+    data = _data()
+    pairs = model.config.head_dim // 2  # llama rotates the whole head
+    with torch.no_grad():
+        converted = {angle: convert_to_gqa(model, 1, method="data_aware", calibration_data=data, logit_scale="off",
+                                           static_rope_angle=angle) for angle in (0.0, 0.5, 1e6)}
+        logits = {angle: m(input_ids=data).logits for angle, m in converted.items()}
+    static = {angle: m.config.hf_llmopt_gqa["static_rope_pairs"] for angle, m in converted.items()}
+    assert static[0.0] == 0 and static[1e6] == pairs and 0 < static[0.5] < pairs
+    assert converted[0.5].config.hf_llmopt_gqa["static_rope_angle"] == 0.5
+    assert not torch.allclose(logits[0.0], logits[0.5]) and not torch.allclose(logits[0.5], logits[1e6])
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="static_rope_angle"):
+            convert_to_gqa(model, 1, method="data_aware", calibration_data=data, static_rope_angle=bad)
+
+
 def test_one_conversion_builds_its_calibration_blocks_once(monkeypatch):
     from hf_llmopt.gqa import statistics
 

@@ -258,7 +258,7 @@ def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data
     first, second, passthrough = rotary_pairs(head_dim, rot, spec.attention.rope)
     inv_freq = rotary_inv_freq(model, rot) if len(first) else torch.zeros(0, dtype=torch.float64)
     context = context_length(model.config)
-    static = static_pairs(inv_freq, context)
+    static = static_pairs(inv_freq, context, cfg.static_rope_angle)
     pairs = (first[~static], second[~static], [torch.cat([first[static], second[static]]), passthrough])
     retention = mean_retention(inv_freq[~static], context or 2048)
     # Reordering query heads needs per-head query norms to move with them; those families keep contiguous groups.
@@ -277,6 +277,7 @@ def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data
         "calibration_data": "self-sampled" if calibration_data is None else type(calibration_data).__name__,
         "calibration_tokens": stats[0].tokens,
         "rotary_dim": rot,
+        "static_rope_angle": cfg.static_rope_angle,
         "static_rope_pairs": int(static.sum()),
         "key_fit": ("complex_rank1_per_rope_pair" if fit_keys else "mean"),
         "value_fit": "reduced_rank",
