@@ -2,7 +2,10 @@
 
 Held-out chat text: the last ``--held-out-rows`` rows of GSM8K train, chat-formatted (calibration never sees them: by
 default it samples its own text from the model; ``--calibration gsm8k`` takes the GSM8K rows before them, ``mixed``
-both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for this benchmark).
+both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for this benchmark). Long context
+(``--long-seq-len``, 0 skips it): the same held-out chat rows packed one after another into 2,048-token sequences,
+where most of what the model can exploit is earlier text in the same sequence (every row repeats the chat template's
+system prompt and the GSM8K answer format), so it shows what the conversion costs at long range.
 Prints a table and writes ``benchmarks/results/gqa_quality.json`` (or ``--out``). At the current defaults:
 
     python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2
@@ -30,7 +33,8 @@ from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
 from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.gqa.convert import CONFIG_RECORD_KEY
-from hf_llmopt.data import load_records, pack_samples, pack_token_blocks, sampling_pad_token_id, token_blocks
+from hf_llmopt.data import (format_record, load_records, pack_samples, pack_token_blocks, sampling_pad_token_id,
+                             token_blocks)
 from hf_llmopt.evaluation import perplexity
 
 HERE = Path(__file__).resolve().parent
@@ -44,6 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-rows", type=int, default=500)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--long-seq-len", type=int, default=2048,
+                   help="also evaluate the held-out chat rows packed into sequences of this length (0 skips it)")
+    p.add_argument("--long-eval-tokens", type=int, default=16384)
     p.add_argument("--num-key-value-heads", type=int, default=1)
     p.add_argument("--methods", default="mean,data_aware_values,data_aware",
                    help="comma-separated conversion methods; data_aware+layerwise is added by --layerwise-minutes")
@@ -58,8 +65,12 @@ def make_parser() -> argparse.ArgumentParser:
                    "sampled from the model), 'gsm8k' (GSM8K train rows before the held-out ones: in-domain) or "
                    "'mixed' (--calibration-tokens of each, concatenated)")
     p.add_argument("--calibration-tokens", type=int, default=12288)
+    p.add_argument("--calibration-seq-len", type=int, default=GQAConfig.calibration_seq_len,
+                   help="length of the self-sampled calibration sequences (GSM8K calibration uses --seq-len)")
     p.add_argument("--logit-scale", default=GQAConfig.logit_scale,
                    help="GQAConfig.logit_scale of the data_aware runs: 'auto', 'off' or a number")
+    p.add_argument("--static-rope-angle", type=float, default=GQAConfig.static_rope_angle,
+                   help="GQAConfig.static_rope_angle of the data-aware runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "gqa_quality.json"))
     return p
@@ -74,6 +85,9 @@ def main(argv=None) -> dict:
         "chat (GSM8K held-out)": token_blocks(chat_rows, tokenizer, num_tokens=args.eval_tokens, seq_len=args.seq_len),
         "prose": pack_token_blocks([PROSE.read_text(encoding="utf-8")], tokenizer, args.seq_len, args.eval_tokens),
     }
+    if args.long_seq_len:
+        eval_sets[f"chat packed {args.long_seq_len}"] = pack_token_blocks(
+            [format_record(r, tokenizer) for r in chat_rows], tokenizer, args.long_seq_len, args.long_eval_tokens)
 
     calibration, calibration_tokens = None, args.calibration_tokens
     if args.calibration in ("gsm8k", "mixed"):
@@ -101,7 +115,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         if method != "mean":
             extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens,
-                     "logit_scale": args.logit_scale}
+                     "logit_scale": args.logit_scale, "static_rope_angle": args.static_rope_angle,
+                     "calibration_seq_len": args.calibration_seq_len}
         converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
         seconds = time.perf_counter() - start
         name = method + (f" + layer-wise {args.layerwise_minutes:g} min ({extra['layerwise_inputs']} inputs)"
