@@ -286,8 +286,8 @@ def convert_to_gqa(
         **extra,
     }
     new = build_converted_model(model, spec, new_weights, record)
-    # Only fitted keys shrink the logits (hf_llmopt.gqa.sharpen); "auto" searches after each fit, a number is applied
-    # once
+    # Only fitted keys shrink the logits (hf_llmopt.gqa.sharpen); "auto" searches after each fit, a number is
+    # applied once
     sharpen = extra.get("method") == "data_aware" and cfg.logit_scale != "off"
     target, searches = None, []
     if sharpen:

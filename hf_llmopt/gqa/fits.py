@@ -226,7 +226,7 @@ def _complex_scales(rows: torch.Tensor, shared: torch.Tensor, cov: torch.Tensor)
     return num / den[:, None]
 
 
-def static_pairs(inv_freq: torch.Tensor, context: int | None, max_angle: float = 0.5) -> torch.Tensor:
+def static_pairs(inv_freq: torch.Tensor, context: int | None, max_angle: float) -> torch.Tensor:
     """``(pairs,)`` bool: pairs that RoPE turns by at most ``max_angle`` radians across the whole context.
 
     Over the model's context window these pairs are (almost) not rotated, so a per-head map on them need not
@@ -234,8 +234,8 @@ def static_pairs(inv_freq: torch.Tensor, context: int | None, max_angle: float =
     does not commute errs by about ``2 sin(angle)`` of itself at the distance where the pair has turned by
     ``angle``, so the threshold trades short text against long range. SmolLM2 (base 1e5, 8192 positions) has 5
     such pairs out of 32 at 0.5; at 3 -> 1 KV heads they take the closed form from 4.40x to 3.18x of the original's
-    perplexity on 256-token chat, but on 2,048-token packed chat it is 9.4x with them (6.1x with 4 pairs, 6.6x
-    with none; see ``GQAConfig.static_rope_angle``).
+    perplexity on 256-token chat, but on 2,048-token packed chat it is 9.4x with them (6.1x with 4 pairs; 6.6x
+    with none, on 4 sequences only; see ``GQAConfig.static_rope_angle``, which sets ``max_angle``).
     """
     if not context:
         return torch.zeros_like(inv_freq, dtype=torch.bool)
