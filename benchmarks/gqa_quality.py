@@ -42,6 +42,11 @@ GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k_train.jsonl"
 PROSE = HERE / "data" / "prose.txt"
 
 
+def packed_chat_blocks(rows: list, tokenizer, seq_len: int, num_tokens: int) -> torch.Tensor:
+    """Chat-formatted ``rows`` packed one after another into ``seq_len``-token sequences (the long-range eval)."""
+    return pack_token_blocks([format_record(r, tokenizer) for r in rows], tokenizer, seq_len, num_tokens)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gsm8k", default=str(GSM8K))
@@ -71,6 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="GQAConfig.logit_scale of the data_aware runs: 'auto', 'off' or a number")
     p.add_argument("--static-rope-angle", type=float, default=GQAConfig.static_rope_angle,
                    help="GQAConfig.static_rope_angle of the data-aware runs")
+    p.add_argument("--seed", type=int, default=GQAConfig.seed,
+                   help="GQAConfig.seed of the data-aware runs: which self-sampled calibration text they see")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "gqa_quality.json"))
     return p
@@ -86,8 +93,8 @@ def main(argv=None) -> dict:
         "prose": pack_token_blocks([PROSE.read_text(encoding="utf-8")], tokenizer, args.seq_len, args.eval_tokens),
     }
     if args.long_seq_len:
-        eval_sets[f"chat packed {args.long_seq_len}"] = pack_token_blocks(
-            [format_record(r, tokenizer) for r in chat_rows], tokenizer, args.long_seq_len, args.long_eval_tokens)
+        eval_sets[f"chat packed {args.long_seq_len}"] = packed_chat_blocks(chat_rows, tokenizer, args.long_seq_len,
+                                                                           args.long_eval_tokens)
 
     calibration, calibration_tokens = None, args.calibration_tokens
     if args.calibration in ("gsm8k", "mixed"):
@@ -95,7 +102,8 @@ def main(argv=None) -> dict:
                                    num_tokens=args.calibration_tokens, seq_len=args.seq_len)
     if args.calibration == "mixed":
         sampled = pack_samples(token_blocks(None, tokenizer, model=model, num_tokens=args.calibration_tokens,
-                                            seq_len=args.seq_len), sampling_pad_token_id(tokenizer))  # as the default
+                                            seq_len=args.seq_len, seed=args.seed),
+                               sampling_pad_token_id(tokenizer))  # as the default
         calibration = torch.cat([sampled, calibration])
         calibration_tokens = int(calibration.numel())
 
@@ -116,7 +124,7 @@ def main(argv=None) -> dict:
         if method != "mean":
             extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens,
                      "logit_scale": args.logit_scale, "static_rope_angle": args.static_rope_angle,
-                     "calibration_seq_len": args.calibration_seq_len}
+                     "calibration_seq_len": args.calibration_seq_len, "seed": args.seed}
         converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
         seconds = time.perf_counter() - start
         name = method + (f" + layer-wise {args.layerwise_minutes:g} min ({extra['layerwise_inputs']} inputs)"

@@ -3,7 +3,10 @@
 Each configuration is one :func:`hf_llmopt.uptrain.uptrain` run from the same converted start (``--init``) on the
 same data, with the same time budget. The script writes what it measured (every held-out evaluation with its step,
 training minutes and tokens seen) to ``--out`` (JSON) and a plot next to it. Target of issue 3: held-out perplexity
-within 25% of the original model's after at most 30 minutes of training on a 2-core CPU.
+within 25% of the original model's after at most 30 minutes of training on a 2-core CPU. Long range
+(``--long-seq-len``, 0 skips it): the last ``--held-out-rows`` rows of ``--dataset``, which training never reaches,
+chat-formatted and packed into 2,048-token sequences, evaluated for the original, the converted start and every
+trained model (as ``benchmarks/gqa_quality.py`` does; training itself sees ``--seq-len`` tokens at a time).
 
 Configurations are ``objective:trainable`` with an optional ``@learning_rate``, e.g. ``layerwise+distill:all@1e-4``.
 The x axis of the plot is the compute spent after the conversion: layer-wise stage plus end-to-end training, with
@@ -35,6 +38,8 @@ import torch
 
 from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
+from hf_llmopt.data import load_records, token_blocks
+from hf_llmopt.evaluation import perplexity
 from hf_llmopt.uptrain import uptrain
 
 DEFAULT_DATA = "/work/shared/data/gsm8k_train.jsonl"
@@ -50,7 +55,31 @@ def parse_configuration(text: str) -> dict:
             "learning_rate": float(lr) if lr else DEFAULT_LR}
 
 
-def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path) -> dict:
+def long_range_blocks(args, tokenizer) -> torch.Tensor | None:
+    """The last ``--held-out-rows`` rows of ``--dataset`` packed into ``--long-seq-len`` sequences, or ``None``.
+
+    Training reads the dataset from its start (``--train-tokens`` plus ``--eval-tokens``); the rows packed here must
+    lie beyond that, so a dataset too small to hold both is an error rather than a silently contaminated eval.
+    """
+    if not args.long_seq_len:
+        return None
+    if args.dataset is None:
+        raise SystemExit("--long-seq-len needs a record dataset (--dataset FILE) to take held-out rows from; "
+                         "pass --long-seq-len 0 with --dataset self")
+    from gqa_quality import packed_chat_blocks
+
+    rows = load_records(args.dataset)
+    if len(rows) <= args.held_out_rows:
+        raise SystemExit(f"--dataset has {len(rows)} rows, not more than --held-out-rows {args.held_out_rows}")
+    needed = args.train_tokens + args.eval_tokens
+    before = token_blocks(rows[:-args.held_out_rows], tokenizer, num_tokens=needed, seq_len=args.seq_len)
+    if before.numel() < needed:
+        raise SystemExit(f"--dataset holds {before.numel():,} tokens before its last {args.held_out_rows} rows, fewer "
+                         f"than the {needed:,} training and held-out tokens: the long-range rows would be trained on")
+    return packed_chat_blocks(rows[-args.held_out_rows:], tokenizer, args.long_seq_len, args.long_eval_tokens)
+
+
+def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path, long_blocks=None) -> dict:
     start = time.perf_counter()
     result = uptrain(
         copy.deepcopy(student), tokenizer=tokenizer, teacher=teacher, objective=conf["objective"],
@@ -68,6 +97,8 @@ def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Pa
     losses = [{"step": e["step"], "train_minutes": e["train_minutes"], "loss": e["loss"]}
               for e in result.log_history if "loss" in e and "train_minutes" in e]
     m = result.metrics
+    if long_blocks is not None:  # after training, outside its budget
+        m["long_range_perplexity_after"] = perplexity(result.model, long_blocks)
     layerwise_minutes = m.get("layerwise_seconds", 0.0) / 60
     for e in evals:  # compute spent since the conversion: the layer-wise stage, then end-to-end training
         e["compute_minutes"] = round(layerwise_minutes + e["train_minutes"], 3)
@@ -101,7 +132,7 @@ def plot(runs: list[dict], teacher_ppl: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(runs: list, args, conversion_seconds: float, out: Path) -> dict:
+def write_results(runs: list, args, conversion_seconds: float, out: Path, long_range: dict | None = None) -> dict:
     """JSON and plot of the configurations finished so far (written after each, so a crash loses none)."""
     teacher_ppl = runs[0]["metrics"]["perplexity_teacher"]
     results = {
@@ -111,6 +142,7 @@ def write_results(runs: list, args, conversion_seconds: float, out: Path) -> dic
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.processor()}",
         "versions": library_versions(), "perplexity_original": teacher_ppl,
         "target_perplexity": 1.25 * teacher_ppl,
+        "long_range": long_range,
         "runs": runs,
         "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
     }
@@ -137,6 +169,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long-seq-len", type=int, default=2048,
+                        help="also evaluate the last --held-out-rows rows of --dataset packed into sequences of this "
+                             "length, before and after training (0 skips it)")
+    parser.add_argument("--long-eval-tokens", type=int, default=16384)
+    parser.add_argument("--held-out-rows", type=int, default=500)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="benchmarks/results/uptrain_gqa.json")
     args = parser.parse_args(argv)
@@ -155,6 +192,13 @@ def main(argv=None) -> dict:
         calibration = token_blocks(args.dataset, tokenizer, model=teacher, num_tokens=12288, seq_len=args.seq_len)
     student = convert_to_gqa(teacher, 1, method=args.init, calibration_data=calibration, tokenizer=tokenizer)
     conversion_seconds = time.perf_counter() - start
+    long_blocks, long_range = long_range_blocks(args, tokenizer), None
+    if long_blocks is not None:
+        long_range = {"seq_len": args.long_seq_len, "tokens": int(long_blocks.numel()),
+                      "perplexity_original": perplexity(teacher, long_blocks),
+                      "perplexity_converted": perplexity(student, long_blocks)}
+        print(f"long range ({long_range['tokens']:,} tokens in {args.long_seq_len}-token sequences): original "
+              f"{long_range['perplexity_original']:.3f}, converted {long_range['perplexity_converted']:.3f}", flush=True)
 
     runs = []
     out = Path(args.out)
@@ -163,9 +207,9 @@ def main(argv=None) -> dict:
         for text in args.configs.split(","):
             conf = parse_configuration(text.strip())
             print(f"=== {conf['name']} (init {args.init}, {args.max_minutes:g} training minutes)", flush=True)
-            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp))
+            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp), long_blocks)
             runs.append(run)
-            results = write_results(runs, args, conversion_seconds, out)
+            results = write_results(runs, args, conversion_seconds, out, long_range)
             m = run["metrics"]
             layerwise = f"{m['layerwise_seconds'] / 60:.1f} layer-wise + " if "layerwise_seconds" in m else ""
             print(f"--- {conf['name']}: held-out perplexity {m['perplexity_init']:.3f} (converted) -> "
@@ -173,6 +217,10 @@ def main(argv=None) -> dict:
                   f"{m['train_minutes']:.1f} training minutes ({m['tokens_seen']:,} tokens, {m['steps']} steps); "
                   f"original {m['perplexity_teacher']:.3f}; ratio {run['perplexity_ratio_to_teacher']:.3f}; "
                   f"wall {run['wall_minutes_total']:.1f} min with evaluations", flush=True)
+            if long_range is not None:
+                ratio = m["long_range_perplexity_after"] / long_range["perplexity_original"]
+                print(f"--- {conf['name']}: long range {long_range['perplexity_converted']:.3f} (converted) -> "
+                      f"{m['long_range_perplexity_after']:.3f} ({ratio:.2f}x the original's)", flush=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
 
