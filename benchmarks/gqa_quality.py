@@ -33,18 +33,12 @@ from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
 from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.gqa.convert import CONFIG_RECORD_KEY
-from hf_llmopt.data import (format_record, load_records, pack_samples, pack_token_blocks, sampling_pad_token_id,
-                             token_blocks)
+from hf_llmopt.data import load_records, pack_samples, pack_token_blocks, sampling_pad_token_id, token_blocks
 from hf_llmopt.evaluation import perplexity
 
 HERE = Path(__file__).resolve().parent
 GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k_train.jsonl"
 PROSE = HERE / "data" / "prose.txt"
-
-
-def packed_chat_blocks(rows: list, tokenizer, seq_len: int, num_tokens: int) -> torch.Tensor:
-    """Chat-formatted ``rows`` packed one after another into ``seq_len``-token sequences (the long-range eval)."""
-    return pack_token_blocks([format_record(r, tokenizer) for r in rows], tokenizer, seq_len, num_tokens)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -93,8 +87,8 @@ def main(argv=None) -> dict:
         "prose": pack_token_blocks([PROSE.read_text(encoding="utf-8")], tokenizer, args.seq_len, args.eval_tokens),
     }
     if args.long_seq_len:
-        eval_sets[f"chat packed {args.long_seq_len}"] = packed_chat_blocks(chat_rows, tokenizer, args.long_seq_len,
-                                                                           args.long_eval_tokens)
+        eval_sets[f"chat packed {args.long_seq_len}"] = token_blocks(  # the rows one after another
+            chat_rows, tokenizer, num_tokens=args.long_eval_tokens, seq_len=args.long_seq_len)
 
     calibration, calibration_tokens = None, args.calibration_tokens
     if args.calibration in ("gsm8k", "mixed"):

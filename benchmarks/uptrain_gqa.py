@@ -66,8 +66,6 @@ def long_range_blocks(args, tokenizer) -> torch.Tensor | None:
     if args.dataset is None:
         raise SystemExit("--long-seq-len needs a record dataset (--dataset FILE) to take held-out rows from; "
                          "pass --long-seq-len 0 with --dataset self")
-    from gqa_quality import packed_chat_blocks
-
     rows = load_records(args.dataset)
     if len(rows) <= args.held_out_rows:
         raise SystemExit(f"--dataset has {len(rows)} rows, not more than --held-out-rows {args.held_out_rows}")
@@ -76,7 +74,8 @@ def long_range_blocks(args, tokenizer) -> torch.Tensor | None:
     if before.numel() < needed:
         raise SystemExit(f"--dataset holds {before.numel():,} tokens before its last {args.held_out_rows} rows, fewer "
                          f"than the {needed:,} training and held-out tokens: the long-range rows would be trained on")
-    return packed_chat_blocks(rows[-args.held_out_rows:], tokenizer, args.long_seq_len, args.long_eval_tokens)
+    return token_blocks(rows[-args.held_out_rows:], tokenizer, num_tokens=args.long_eval_tokens,
+                        seq_len=args.long_seq_len)
 
 
 def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path, long_blocks=None) -> dict:
@@ -198,7 +197,8 @@ def main(argv=None) -> dict:
                       "perplexity_original": perplexity(teacher, long_blocks),
                       "perplexity_converted": perplexity(student, long_blocks)}
         print(f"long range ({long_range['tokens']:,} tokens in {args.long_seq_len}-token sequences): original "
-              f"{long_range['perplexity_original']:.3f}, converted {long_range['perplexity_converted']:.3f}", flush=True)
+              f"{long_range['perplexity_original']:.3f}, converted {long_range['perplexity_converted']:.3f}",
+              flush=True)
 
     runs = []
     out = Path(args.out)
