@@ -5,8 +5,9 @@ same data, with the same time budget. The script writes what it measured (every 
 training minutes and tokens seen) to ``--out`` (JSON) and a plot next to it. Target of issue 3: held-out perplexity
 within 25% of the original model's after at most 30 minutes of training on a 2-core CPU. Long range
 (``--long-seq-len``, 0 skips it): the last ``--held-out-rows`` rows of ``--dataset``, which training never reaches,
-chat-formatted and packed into 2,048-token sequences, evaluated for the original, the converted start and every
-trained model (as ``benchmarks/gqa_quality.py`` does; training itself sees ``--seq-len`` tokens at a time).
+chat-formatted and packed into ``--long-seq-len``-token sequences (2,048 by default), evaluated for the original,
+the converted start and every trained model (as ``benchmarks/gqa_quality.py`` does; training itself sees
+``--seq-len`` tokens at a time).
 
 Configurations are ``objective:trainable`` with an optional ``@learning_rate``, e.g. ``layerwise+distill:all@1e-4``.
 The x axis of the plot is the compute spent after the conversion: layer-wise stage plus end-to-end training, with
