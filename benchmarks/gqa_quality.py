@@ -6,7 +6,9 @@ both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for 
 (``--long-seq-len``, 0 skips it): the same held-out chat rows packed one after another into 2,048-token sequences,
 where most of what the model can exploit is earlier text in the same sequence (every row repeats the chat template's
 system prompt and the GSM8K answer format), so it shows what the conversion costs at long range.
-Prints a table and writes ``benchmarks/results/gqa_quality.json`` (or ``--out``). At the current defaults:
+Every ratio to the original comes with a 95% paired bootstrap interval over the evaluation sequences (how much it
+depends on which text was scored; the calibration draw moves it too, and is not in it). Prints a table and writes
+``benchmarks/results/gqa_quality.json`` (or ``--out``). At the current defaults:
 
     python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2
     python benchmarks/gqa_quality.py --layerwise-minutes 10 --threads 2 --methods data_aware --calibration gsm8k \
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from hf_llmopt._compat import library_versions
 from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.gqa.convert import CONFIG_RECORD_KEY
 from hf_llmopt.data import load_records, pack_samples, pack_token_blocks, sampling_pad_token_id, token_blocks
-from hf_llmopt.evaluation import perplexity
+from hf_llmopt.evaluation import perplexity_ratio_interval, sequence_nll
 
 HERE = Path(__file__).resolve().parent
 GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k_train.jsonl"
@@ -101,8 +104,18 @@ def main(argv=None) -> dict:
         calibration = torch.cat([sampled, calibration])
         calibration_tokens = int(calibration.numel())
 
+    base_nll = {name: sequence_nll(model, blocks) for name, blocks in eval_sets.items()}
+
     def evaluate(m) -> dict:
-        return {name: perplexity(m, blocks) for name, blocks in eval_sets.items()}
+        """Perplexity per evaluation set, and for a converted model its ratio to the original's with a paired
+        bootstrap interval over the evaluation sequences (how much the ratio depends on which text was scored)."""
+        out = {}
+        for name, blocks in eval_sets.items():
+            nll, tokens = scores = base_nll[name] if m is model else sequence_nll(m, blocks)
+            out[name] = math.exp(float(nll.sum()) / int(tokens.sum()))
+            if m is not model:
+                out[f"{name} / original, 95% interval"] = perplexity_ratio_interval(base_nll[name], scores)
+        return out
 
     rows = [{"method": "original", "num_key_value_heads": model.config.num_key_value_heads,
              "conversion_seconds": 0.0, **evaluate(model)}]
@@ -147,7 +160,8 @@ def main(argv=None) -> dict:
     print(f"\n| method | KV heads | {' | '.join(names)} | {' | '.join(n + ' / original' for n in names)} | seconds |")
     print("|---|---|" + "---|" * (2 * len(names) + 1))
     for r in rows:
-        cells = [f"{r[n]:.2f}" for n in names] + [f"{r[n + ' / original']:.2f}x" for n in names]
+        cells = [f"{r[n]:.2f}" for n in names] + [f"{r[n + ' / original']:.2f}x" + (
+            " ({:.2f}x-{:.2f}x)".format(*r[n + " / original, 95% interval"]) if r is not base else "") for n in names]
         print(f"| {r['method']} | {r['num_key_value_heads']} | {' | '.join(cells)} | {r['conversion_seconds']} |")
     return result
 

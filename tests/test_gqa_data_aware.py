@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import math
+
 import pytest
 import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rope
@@ -495,6 +497,44 @@ def test_eval_mode_gives_every_model_its_flag_back_also_on_error():
     assert first.training  # back in training mode, and the hook is gone
     first.eval()
     first(input_ids=_data(1))
+
+
+def test_perplexity_matches_a_naive_reference_and_skips_padding():
+    from hf_llmopt.evaluation import perplexity, sequence_nll
+
+    model = tiny_model("llama").eval()
+    blocks = _data(5)
+    pad = int(blocks[0, -1])
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1].float()
+    nll = -logits.log_softmax(-1).gather(-1, blocks[:, 1:, None])[..., 0].double()
+    keep = blocks[:, 1:] != pad
+    sums, tokens = sequence_nll(model, blocks, batch_size=2, pad_token_id=pad)
+    torch.testing.assert_close(sums, (nll * keep).sum(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, keep.sum(-1))
+    assert perplexity(model, blocks, 2, pad) == pytest.approx(math.exp(float((nll * keep).sum() / keep.sum())),
+                                                             rel=1e-6)
+    assert perplexity(model, blocks) == pytest.approx(math.exp(float(nll.mean())), rel=1e-6)
+
+
+def test_perplexity_ratio_interval_brackets_the_ratio_and_tracks_the_spread():
+    from hf_llmopt.evaluation import perplexity_ratio_interval
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.full((40,), 100)
+    base = torch.rand(40, generator=gen, dtype=torch.float64) * 300
+    same = perplexity_ratio_interval((base, tokens), (base.clone(), tokens))
+    assert same == pytest.approx((1.0, 1.0))
+    shift = torch.randn(40, generator=gen, dtype=torch.float64)
+    ratio = math.exp(float((shift * 10).sum() / tokens.sum()) + 1.0)
+    narrow = perplexity_ratio_interval((base, tokens), (base + 100 + shift * 10, tokens))
+    wide = perplexity_ratio_interval((base, tokens), (base + 100 + shift * 60, tokens))
+    assert narrow[0] < ratio < narrow[1]
+    assert wide[1] - wide[0] > 3 * (narrow[1] - narrow[0])  # the interval widens with the per-sequence spread
+    with pytest.raises(ValueError, match="same blocks"):
+        perplexity_ratio_interval((base, tokens), (base[:-1], tokens[:-1]))
+    with pytest.raises(ValueError, match="level"):
+        perplexity_ratio_interval((base, tokens), (base, tokens), level=1.5)
 
 
 def test_pack_samples_drops_trailing_padding_and_keeps_the_end_of_turn():
