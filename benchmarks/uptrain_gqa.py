@@ -7,7 +7,9 @@ within 25% of the original model's after at most 30 minutes of training on a 2-c
 (``--long-seq-len``, 0 skips it): the last ``--held-out-rows`` rows of ``--dataset``, which training never reaches,
 chat-formatted and packed into ``--long-seq-len``-token sequences (2,048 by default), evaluated for the original,
 the converted start and every trained model (as ``benchmarks/gqa_quality.py`` does; training itself sees
-``--seq-len`` tokens at a time).
+``--seq-len`` tokens at a time). ``--also-eval-seq-len N`` evaluates the same held-out tokens once more, cut into
+``N``-token sequences (after training on 1,024-token sequences, what a 256-token run is measured on: the tokens are
+identical, since packing does not depend on the sequence length).
 
 Configurations are ``objective:trainable`` with an optional ``@learning_rate``, e.g. ``layerwise+distill:all@1e-4``.
 The x axis of the plot is the compute spent after the conversion: layer-wise stage plus end-to-end training, with
@@ -23,6 +25,13 @@ configuration takes its training minutes plus about 8 minutes of conversion, lay
     python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 15 \
         --configs layerwise+next_token:attention,layerwise+distill:all,layerwise+distill:lora@1e-3 \
         --quiet --out benchmarks/results/uptrain_gqa_data_aware_15min_compare.json
+
+Training on 1,024-token sequences, scored also on the 256-token runs' held-out text (one thread, next to another
+one-thread job)::
+
+    python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 30 \
+        --configs layerwise+distill:attention --seq-len 1024 --also-eval-seq-len 256 --quiet \
+        --out benchmarks/results/uptrain_gqa_data_aware_30min_seq1024_recut256.json
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
 from hf_llmopt.data import load_records, token_blocks
 from hf_llmopt.evaluation import perplexity
-from hf_llmopt.uptrain import uptrain
+from hf_llmopt.uptrain import UptrainConfig, prepare_data, uptrain
 
 DEFAULT_DATA = "/work/shared/data/gsm8k_train.jsonl"
 DEFAULT_CONFIGS = ("layerwise+distill:attention", "layerwise+distill:all", "distill:attention",
@@ -79,7 +88,31 @@ def long_range_blocks(args, tokenizer) -> torch.Tensor | None:
                         seq_len=args.long_seq_len)
 
 
-def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path, long_blocks=None) -> dict:
+def recut_held_out(args, tokenizer, teacher) -> torch.Tensor | None:
+    """The held-out tokens :func:`uptrain` evaluates on, cut into ``--also-eval-seq-len`` sequences, or ``None``."""
+    if not args.also_eval_seq_len:
+        return None
+    config = UptrainConfig(dataset=args.dataset, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
+                           seq_len=args.seq_len, output_dir=None)
+    ids = prepare_data(config, tokenizer, teacher).eval.reshape(-1)
+    length = args.also_eval_seq_len
+    if ids.numel() < length:
+        raise SystemExit(f"--also-eval-seq-len {length} is longer than the {ids.numel():,} held-out tokens")
+    return ids[: ids.numel() // length * length].view(-1, length)
+
+
+def measure_start(name: str, blocks: torch.Tensor, teacher, student) -> dict:
+    """Original and converted perplexity on extra evaluation blocks, printed."""
+    seq_len = blocks.shape[1]
+    start = {"seq_len": seq_len, "tokens": int(blocks.numel()), "perplexity_original": perplexity(teacher, blocks),
+             "perplexity_converted": perplexity(student, blocks)}
+    print(f"{name} ({start['tokens']:,} tokens in {seq_len}-token sequences): original "
+          f"{start['perplexity_original']:.3f}, converted {start['perplexity_converted']:.3f}", flush=True)
+    return start
+
+
+def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path, long_blocks=None,
+                      recut_blocks=None) -> dict:
     start = time.perf_counter()
     result = uptrain(
         copy.deepcopy(student), tokenizer=tokenizer, teacher=teacher, objective=conf["objective"],
@@ -99,6 +132,8 @@ def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Pa
     m = result.metrics
     if long_blocks is not None:  # after training, outside its budget
         m["long_range_perplexity_after"] = perplexity(result.model, long_blocks)
+    if recut_blocks is not None:
+        m["recut_held_out_perplexity_after"] = perplexity(result.model, recut_blocks)
     layerwise_minutes = m.get("layerwise_seconds", 0.0) / 60
     for e in evals:  # compute spent since the conversion: the layer-wise stage, then end-to-end training
         e["compute_minutes"] = round(layerwise_minutes + e["train_minutes"], 3)
@@ -132,7 +167,8 @@ def plot(runs: list[dict], teacher_ppl: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(runs: list, args, conversion_seconds: float, out: Path, long_range: dict | None = None) -> dict:
+def write_results(runs: list, args, conversion_seconds: float, out: Path, long_range: dict | None = None,
+                  recut: dict | None = None) -> dict:
     """JSON and plot of the configurations finished so far (written after each, so a crash loses none)."""
     teacher_ppl = runs[0]["metrics"]["perplexity_teacher"]
     results = {
@@ -143,6 +179,7 @@ def write_results(runs: list, args, conversion_seconds: float, out: Path, long_r
         "versions": library_versions(), "perplexity_original": teacher_ppl,
         "target_perplexity": 1.25 * teacher_ppl,
         "long_range": long_range,
+        "recut_held_out": recut,
         "runs": runs,
         "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
     }
@@ -174,6 +211,8 @@ def main(argv=None) -> dict:
                              "length, before and after training (0 skips it)")
     parser.add_argument("--long-eval-tokens", type=int, default=16384)
     parser.add_argument("--held-out-rows", type=int, default=500)
+    parser.add_argument("--also-eval-seq-len", type=int, default=0,
+                        help="also evaluate the held-out tokens cut into sequences of this length (0: no)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="benchmarks/results/uptrain_gqa.json")
     args = parser.parse_args(argv)
@@ -192,14 +231,9 @@ def main(argv=None) -> dict:
         calibration = token_blocks(args.dataset, tokenizer, model=teacher, num_tokens=12288, seq_len=args.seq_len)
     student = convert_to_gqa(teacher, 1, method=args.init, calibration_data=calibration, tokenizer=tokenizer)
     conversion_seconds = time.perf_counter() - start
-    long_blocks, long_range = long_range_blocks(args, tokenizer), None
-    if long_blocks is not None:
-        long_range = {"seq_len": args.long_seq_len, "tokens": int(long_blocks.numel()),
-                      "perplexity_original": perplexity(teacher, long_blocks),
-                      "perplexity_converted": perplexity(student, long_blocks)}
-        print(f"long range ({long_range['tokens']:,} tokens in {args.long_seq_len}-token sequences): original "
-              f"{long_range['perplexity_original']:.3f}, converted {long_range['perplexity_converted']:.3f}",
-              flush=True)
+    long_blocks, recut_blocks = long_range_blocks(args, tokenizer), recut_held_out(args, tokenizer, teacher)
+    long_range = None if long_blocks is None else measure_start("long range", long_blocks, teacher, student)
+    recut = None if recut_blocks is None else measure_start("held-out, re-cut", recut_blocks, teacher, student)
 
     runs = []
     out = Path(args.out)
@@ -208,9 +242,9 @@ def main(argv=None) -> dict:
         for text in args.configs.split(","):
             conf = parse_configuration(text.strip())
             print(f"=== {conf['name']} (init {args.init}, {args.max_minutes:g} training minutes)", flush=True)
-            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp), long_blocks)
+            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp), long_blocks, recut_blocks)
             runs.append(run)
-            results = write_results(runs, args, conversion_seconds, out, long_range)
+            results = write_results(runs, args, conversion_seconds, out, long_range, recut)
             m = run["metrics"]
             layerwise = f"{m['layerwise_seconds'] / 60:.1f} layer-wise + " if "layerwise_seconds" in m else ""
             print(f"--- {conf['name']}: held-out perplexity {m['perplexity_init']:.3f} (converted) -> "
@@ -222,6 +256,11 @@ def main(argv=None) -> dict:
                 ratio = m["long_range_perplexity_after"] / long_range["perplexity_original"]
                 print(f"--- {conf['name']}: long range {long_range['perplexity_converted']:.3f} (converted) -> "
                       f"{m['long_range_perplexity_after']:.3f} ({ratio:.2f}x the original's)", flush=True)
+            if recut is not None:
+                ratio = m["recut_held_out_perplexity_after"] / recut["perplexity_original"]
+                print(f"--- {conf['name']}: held-out in {recut['seq_len']}-token sequences "
+                      f"{recut['perplexity_converted']:.3f} (converted) -> {m['recut_held_out_perplexity_after']:.3f} "
+                      f"({ratio:.3f}x the original's)", flush=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
 
