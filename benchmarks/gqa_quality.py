@@ -8,6 +8,7 @@ both). Prose: ``benchmarks/data/prose.txt`` (original English prose written for 
 (``--long-seq-len``, 0 skips it): the same held-out chat rows packed one after another into 2,048-token sequences,
 where most of what the model can exploit is earlier text in the same sequence (every row repeats the chat template's
 system prompt and the GSM8K answer format), so it shows what the conversion costs at long range.
+``--long-prose`` adds the prose in sequences of that length (4 of 2,048 with both prose files, 1 with prose.txt).
 Every ratio to the original comes with a 95% paired bootstrap interval over the evaluation sequences (how much it
 depends on which text was scored; the calibration draw moves it too, and is not in it). Prints a table and writes
 ``benchmarks/results/gqa_quality.json`` (or ``--out``). At the current defaults:
@@ -58,6 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-seq-len", type=int, default=2048,
                    help="also evaluate the held-out chat rows packed into sequences of this length (0 skips it)")
     p.add_argument("--long-eval-tokens", type=int, default=16384)
+    p.add_argument("--long-prose", action="store_true",
+                   help="also evaluate the prose (--prose) in --long-seq-len sequences")
     p.add_argument("--num-key-value-heads", type=int, default=1)
     p.add_argument("--methods", default="mean,data_aware_values,data_aware",
                    help="comma-separated conversion methods; data_aware+layerwise is added by --layerwise-minutes")
@@ -90,14 +93,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_default_model()
     chat_rows = load_records(args.gsm8k)[-args.held_out_rows:]
+    prose = [(PROSE.parent / name).read_text(encoding="utf-8") for name in args.prose.split(",")]
     eval_sets = {
         "chat (GSM8K held-out)": token_blocks(chat_rows, tokenizer, num_tokens=args.eval_tokens, seq_len=args.seq_len),
-        "prose": pack_token_blocks([(PROSE.parent / name).read_text(encoding="utf-8") for name in
-                                    args.prose.split(",")], tokenizer, args.seq_len, args.eval_tokens),
+        "prose": pack_token_blocks(prose, tokenizer, args.seq_len, args.eval_tokens),
     }
     if args.long_seq_len:
         eval_sets[f"chat packed {args.long_seq_len}"] = token_blocks(  # the rows one after another
             chat_rows, tokenizer, num_tokens=args.long_eval_tokens, seq_len=args.long_seq_len)
+        if args.long_prose:
+            eval_sets[f"prose {args.long_seq_len}"] = pack_token_blocks(
+                prose, tokenizer, args.long_seq_len, args.long_eval_tokens)
 
     calibration, calibration_tokens = None, args.calibration_tokens
     if args.calibration in ("gsm8k", "mixed"):
