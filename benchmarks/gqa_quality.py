@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from hf_llmopt._compat import library_versions
 from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.gqa.convert import CONFIG_RECORD_KEY
 from hf_llmopt.data import load_records, pack_samples, pack_token_blocks, sampling_pad_token_id, token_blocks
-from hf_llmopt.evaluation import perplexity_ratio_interval, sequence_nll
+from hf_llmopt.evaluation import perplexity_of, perplexity_ratio_interval, sequence_nll
 
 HERE = Path(__file__).resolve().parent
 GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k_train.jsonl"
@@ -123,8 +122,8 @@ def main(argv=None) -> dict:
         bootstrap interval over the evaluation sequences (how much the ratio depends on which text was scored)."""
         out = {}
         for name, blocks in eval_sets.items():
-            nll, tokens = scores = base_nll[name] if m is model else sequence_nll(m, blocks)
-            out[name] = math.exp(float(nll.sum()) / int(tokens.sum()))
+            scores = base_nll[name] if m is model else sequence_nll(m, blocks)
+            out[name] = perplexity_of(scores)
             if m is not model:
                 out[f"{name} / original, 95% interval"] = perplexity_ratio_interval(base_nll[name], scores)
         return out

@@ -111,6 +111,13 @@ def measure_start(name: str, blocks: torch.Tensor, teacher, student) -> dict:
     return start
 
 
+def print_after(run_name: str, label: str, start: dict, after: float, digits: int) -> None:
+    """One trained model's perplexity on extra evaluation blocks, against :func:`measure_start`'s figures."""
+    ratio = after / start["perplexity_original"]
+    print(f"--- {run_name}: {label} {start['perplexity_converted']:.3f} (converted) -> {after:.3f} "
+          f"({ratio:.{digits}f}x the original's)", flush=True)
+
+
 def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path, long_blocks=None,
                       recut_blocks=None) -> dict:
     start = time.perf_counter()
@@ -253,14 +260,10 @@ def main(argv=None) -> dict:
                   f"original {m['perplexity_teacher']:.3f}; ratio {run['perplexity_ratio_to_teacher']:.3f}; "
                   f"wall {run['wall_minutes_total']:.1f} min with evaluations", flush=True)
             if long_range is not None:
-                ratio = m["long_range_perplexity_after"] / long_range["perplexity_original"]
-                print(f"--- {conf['name']}: long range {long_range['perplexity_converted']:.3f} (converted) -> "
-                      f"{m['long_range_perplexity_after']:.3f} ({ratio:.2f}x the original's)", flush=True)
+                print_after(conf["name"], "long range", long_range, m["long_range_perplexity_after"], 2)
             if recut is not None:
-                ratio = m["recut_held_out_perplexity_after"] / recut["perplexity_original"]
-                print(f"--- {conf['name']}: held-out in {recut['seq_len']}-token sequences "
-                      f"{recut['perplexity_converted']:.3f} (converted) -> {m['recut_held_out_perplexity_after']:.3f} "
-                      f"({ratio:.3f}x the original's)", flush=True)
+                print_after(conf["name"], f"held-out in {recut['seq_len']}-token sequences", recut,
+                            m["recut_held_out_perplexity_after"], 3)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
 

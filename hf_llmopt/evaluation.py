@@ -47,7 +47,12 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, pad_token_id: i
 
     Positions whose target is ``pad_token_id`` are not scored.
     """
-    nll, tokens = sequence_nll(model, blocks, batch_size, pad_token_id)
+    return perplexity_of(sequence_nll(model, blocks, batch_size, pad_token_id))
+
+
+def perplexity_of(scores: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The perplexity of a :func:`sequence_nll` result (all its sequences together)."""
+    nll, tokens = scores
     return math.exp(float(nll.sum()) / max(int(tokens.sum()), 1))
 
 
