@@ -194,6 +194,31 @@ def test_reduced_rank_refinement_does_not_worsen_heterogeneous_fit():
     torch.testing.assert_close(least_squares_maps(targets[:1], [x.T @ x / len(x)], refined)[0], naive)
 
 
+def test_reduced_rank_refinement_ignores_negative_eigenvalues_of_fp32_moments():
+    """The value fit of KV heads that are maps of one another: their features span d of kv * d dimensions, and
+    moments summed in fp32 come out with eigenvalues of about -1e-7 of the largest. The refinement must not exploit
+    those (it drove the objective below zero, to relative errors of 1e5, and wrecked MQA conversions on one CPU)."""
+    gen = torch.Generator().manual_seed(0)
+    d, kv = 4, 4
+    stack = torch.cat([torch.eye(d, dtype=torch.float64)] + [
+        torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=gen, dtype=torch.float64)
+        for _ in range(kv - 1)])  # (kv * d, d): every head's values from the first head's
+    eye = torch.eye(kv * d, dtype=torch.float64)
+    targets = [eye[j * d:(j + 1) * d] for j in range(kv)]  # head j reads KV head j
+    fp32_moments, exact = [], []
+    for _ in range(kv):
+        u = torch.randn(4096, d, generator=gen) * (1 + torch.arange(d))
+        z = u @ stack.float().T
+        fp32_moments.append((z.T @ z / len(z)).double())
+        exact.append(stack @ (u.double().T @ u.double() / len(u)) @ stack.T)
+    assert max(float(torch.linalg.eigvalsh(c).min()) for c in fp32_moments) < 0
+    lefts = [(lambda a: a @ a.T / d)(torch.randn(d, d, generator=gen, dtype=torch.float64)) for _ in range(kv)]
+    shared, maps = reduced_rank_fit(targets, fp32_moments, rank=d, left_metrics=lefts, refine_steps=30)
+    for target, cov, m in zip(targets, exact, maps):
+        err = m @ shared - target
+        assert float(torch.trace(err @ cov @ err.T) / torch.trace(target @ cov @ target.T)) < 1e-8
+
+
 def test_align_gauge_keeps_span_and_moves_towards_reference():
     gen = torch.Generator().manual_seed(4)
     cov = _random_cov(6, gen)

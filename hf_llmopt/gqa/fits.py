@@ -39,6 +39,20 @@ def symmetric_sqrt(cov: torch.Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> tu
     return root, inv_root
 
 
+def psd_part(cov: torch.Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> torch.Tensor:
+    """``cov`` symmetrised, with eigenvalues below ``floor * max`` (negative ones included) set to zero.
+
+    Second moments accumulated in fp32 over a rank-deficient feature space (KV heads that copy each other, a
+    constant feature) come out with eigenvalues of about ``-1e-7`` of the largest. An objective that divides by
+    ``W C W^T`` can then be driven below zero along those directions; the optimiser in :func:`reduced_rank_fit`
+    found such directions and returned a projection that wrecked the model.
+    """
+    cov = 0.5 * (cov + cov.mH)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    kept = torch.where(eigval > floor * eigval.amax(-1, keepdim=True).clamp_min(0), eigval, torch.zeros_like(eigval))
+    return (eigvec * kept.unsqueeze(-2).to(eigvec.dtype)) @ eigvec.mH
+
+
 def least_squares_maps(targets, covariances, shared: torch.Tensor) -> list[torch.Tensor]:
     """Per-target maps ``B_h = argmin_B E||(B W - T_h) z_h||^2 = T_h C_h W^T (W C_h W^T)^+``.
 
@@ -92,6 +106,8 @@ def reduced_rank_fit(targets, covariances, rank: int, left_metrics=None, refine_
     """
     if isinstance(covariances, torch.Tensor) and covariances.dim() == 2:
         covariances = [covariances] * len(targets)
+    cleaned = {id(c): psd_part(c) for c in covariances}  # one object per distinct covariance, as given
+    covariances = [cleaned[id(c)] for c in covariances]
     if left_metrics is None:
         left_metrics = [torch.eye(t.shape[0], dtype=t.dtype) for t in targets]
     mean_cov = sum(covariances) / len(covariances)
