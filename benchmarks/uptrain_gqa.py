@@ -9,7 +9,9 @@ chat-formatted and packed into ``--long-seq-len``-token sequences (2,048 by defa
 the converted start and every trained model (as ``benchmarks/gqa_quality.py`` does; training itself sees
 ``--seq-len`` tokens at a time). ``--also-eval-seq-len N`` evaluates the same held-out tokens once more, cut into
 ``N``-token sequences (after training on 1,024-token sequences, what a 256-token run is measured on: the tokens are
-identical, since packing does not depend on the sequence length).
+identical, since packing does not depend on the sequence length). ``--prose FILES`` (as ``gqa_quality.py --prose``)
+evaluates that prose too, before and after training, in ``--seq-len`` and ``--long-seq-len`` sequences (at most
+``--prose-tokens``; training never sees it).
 
 Configurations are ``objective:trainable`` with an optional ``@learning_rate``, e.g. ``layerwise+distill:all@1e-4``.
 The x axis of the plot is the compute spent after the conversion: layer-wise stage plus end-to-end training, with
@@ -32,6 +34,12 @@ one-thread job)::
     python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 30 \
         --configs layerwise+distill:attention --seq-len 1024 --also-eval-seq-len 256 --quiet \
         --out benchmarks/results/uptrain_gqa_data_aware_30min_seq1024_recut256.json
+
+The 30-minute recipe scored on prose as well (one thread, next to other one-thread jobs)::
+
+    python benchmarks/uptrain_gqa.py --init data_aware --threads 1 --max-minutes 30 \
+        --configs layerwise+distill:attention --prose prose.txt,prose_more.txt --quiet \
+        --out benchmarks/results/uptrain_gqa_data_aware_30min_prose.json
 """
 
 from __future__ import annotations
@@ -48,11 +56,12 @@ import torch
 
 from hf_llmopt import convert_to_gqa, load_default_model
 from hf_llmopt._compat import library_versions
-from hf_llmopt.data import load_records, token_blocks
+from hf_llmopt.data import load_records, pack_token_blocks, token_blocks
 from hf_llmopt.evaluation import perplexity
 from hf_llmopt.uptrain import UptrainConfig, prepare_data, uptrain
 
 DEFAULT_DATA = "/work/shared/data/gsm8k_train.jsonl"
+PROSE_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CONFIGS = ("layerwise+distill:attention", "layerwise+distill:all", "distill:attention",
                    "layerwise+next_token:attention", "layerwise+distill:lora@1e-3")
 DEFAULT_LR = 1e-4
@@ -101,6 +110,18 @@ def recut_held_out(args, tokenizer, teacher) -> torch.Tensor | None:
     return ids[: ids.numel() // length * length].view(-1, length)
 
 
+def prose_blocks(args, tokenizer) -> dict[str, torch.Tensor]:
+    """``--prose`` files (in ``benchmarks/data/``), joined as ``gqa_quality.py`` joins them, in ``--seq-len`` and
+    (with ``--long-seq-len``) in long sequences; empty without ``--prose``."""
+    if not args.prose:
+        return {}
+    texts = [(PROSE_DIR / name).read_text(encoding="utf-8") for name in args.prose.split(",")]
+    blocks = {"prose": pack_token_blocks(texts, tokenizer, args.seq_len, args.prose_tokens)}
+    if args.long_seq_len:
+        blocks["prose_long"] = pack_token_blocks(texts, tokenizer, args.long_seq_len, args.prose_tokens)
+    return blocks
+
+
 def measure_start(name: str, blocks: torch.Tensor, teacher, student) -> dict:
     """Original and converted perplexity on extra evaluation blocks, printed."""
     seq_len = blocks.shape[1]
@@ -118,8 +139,8 @@ def print_after(run_name: str, label: str, start: dict, after: float, digits: in
           f"({ratio:.{digits}f}x the original's)", flush=True)
 
 
-def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path, long_blocks=None,
-                      recut_blocks=None) -> dict:
+def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Path,
+                      extra_blocks: dict[str, torch.Tensor] | None = None) -> dict:
     start = time.perf_counter()
     result = uptrain(
         copy.deepcopy(student), tokenizer=tokenizer, teacher=teacher, objective=conf["objective"],
@@ -137,10 +158,8 @@ def run_configuration(conf: dict, student, teacher, tokenizer, args, workdir: Pa
     losses = [{"step": e["step"], "train_minutes": e["train_minutes"], "loss": e["loss"]}
               for e in result.log_history if "loss" in e and "train_minutes" in e]
     m = result.metrics
-    if long_blocks is not None:  # after training, outside its budget
-        m["long_range_perplexity_after"] = perplexity(result.model, long_blocks)
-    if recut_blocks is not None:
-        m["recut_held_out_perplexity_after"] = perplexity(result.model, recut_blocks)
+    for key, blocks in (extra_blocks or {}).items():  # after training, outside its budget
+        m[f"{key}_perplexity_after"] = perplexity(result.model, blocks)
     layerwise_minutes = m.get("layerwise_seconds", 0.0) / 60
     for e in evals:  # compute spent since the conversion: the layer-wise stage, then end-to-end training
         e["compute_minutes"] = round(layerwise_minutes + e["train_minutes"], 3)
@@ -174,8 +193,7 @@ def plot(runs: list[dict], teacher_ppl: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(runs: list, args, conversion_seconds: float, out: Path, long_range: dict | None = None,
-                  recut: dict | None = None) -> dict:
+def write_results(runs: list, args, conversion_seconds: float, out: Path, extras: dict[str, dict]) -> dict:
     """JSON and plot of the configurations finished so far (written after each, so a crash loses none)."""
     teacher_ppl = runs[0]["metrics"]["perplexity_teacher"]
     results = {
@@ -185,8 +203,9 @@ def write_results(runs: list, args, conversion_seconds: float, out: Path, long_r
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.processor()}",
         "versions": library_versions(), "perplexity_original": teacher_ppl,
         "target_perplexity": 1.25 * teacher_ppl,
-        "long_range": long_range,
-        "recut_held_out": recut,
+        "long_range": extras.get("long_range"),
+        "recut_held_out": extras.get("recut_held_out"),
+        **{key: extras[key] for key in ("prose", "prose_long") if key in extras},
         "runs": runs,
         "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
     }
@@ -220,6 +239,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--held-out-rows", type=int, default=500)
     parser.add_argument("--also-eval-seq-len", type=int, default=0,
                         help="also evaluate the held-out tokens cut into sequences of this length (0: no)")
+    parser.add_argument("--prose", default="",
+                        help="comma-separated files in benchmarks/data/ (as gqa_quality.py --prose): also evaluate "
+                             "them in --seq-len and --long-seq-len sequences, before and after training")
+    parser.add_argument("--prose-tokens", type=int, default=8192, help="at most this many prose tokens")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="benchmarks/results/uptrain_gqa.json")
     args = parser.parse_args(argv)
@@ -238,9 +261,12 @@ def main(argv=None) -> dict:
         calibration = token_blocks(args.dataset, tokenizer, model=teacher, num_tokens=12288, seq_len=args.seq_len)
     student = convert_to_gqa(teacher, 1, method=args.init, calibration_data=calibration, tokenizer=tokenizer)
     conversion_seconds = time.perf_counter() - start
-    long_blocks, recut_blocks = long_range_blocks(args, tokenizer), recut_held_out(args, tokenizer, teacher)
-    long_range = None if long_blocks is None else measure_start("long range", long_blocks, teacher, student)
-    recut = None if recut_blocks is None else measure_start("held-out, re-cut", recut_blocks, teacher, student)
+    extra_blocks = {"long_range": long_range_blocks(args, tokenizer),
+                    "recut_held_out": recut_held_out(args, tokenizer, teacher), **prose_blocks(args, tokenizer)}
+    extra_blocks = {key: blocks for key, blocks in extra_blocks.items() if blocks is not None}
+    labels = {"long_range": "long range", "recut_held_out": "held-out, re-cut", "prose": "prose",
+              "prose_long": "prose, long"}
+    extras = {key: measure_start(labels[key], blocks, teacher, student) for key, blocks in extra_blocks.items()}
 
     runs = []
     out = Path(args.out)
@@ -249,9 +275,9 @@ def main(argv=None) -> dict:
         for text in args.configs.split(","):
             conf = parse_configuration(text.strip())
             print(f"=== {conf['name']} (init {args.init}, {args.max_minutes:g} training minutes)", flush=True)
-            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp), long_blocks, recut_blocks)
+            run = run_configuration(conf, student, teacher, tokenizer, args, Path(tmp), extra_blocks)
             runs.append(run)
-            results = write_results(runs, args, conversion_seconds, out, long_range, recut)
+            results = write_results(runs, args, conversion_seconds, out, extras)
             m = run["metrics"]
             layerwise = f"{m['layerwise_seconds'] / 60:.1f} layer-wise + " if "layerwise_seconds" in m else ""
             print(f"--- {conf['name']}: held-out perplexity {m['perplexity_init']:.3f} (converted) -> "
@@ -259,11 +285,10 @@ def main(argv=None) -> dict:
                   f"{m['train_minutes']:.1f} training minutes ({m['tokens_seen']:,} tokens, {m['steps']} steps); "
                   f"original {m['perplexity_teacher']:.3f}; ratio {run['perplexity_ratio_to_teacher']:.3f}; "
                   f"wall {run['wall_minutes_total']:.1f} min with evaluations", flush=True)
-            if long_range is not None:
-                print_after(conf["name"], "long range", long_range, m["long_range_perplexity_after"], 2)
-            if recut is not None:
-                print_after(conf["name"], f"held-out in {recut['seq_len']}-token sequences", recut,
-                            m["recut_held_out_perplexity_after"], 3)
+            for key, start in extras.items():
+                label = (f"held-out in {start['seq_len']}-token sequences" if key == "recut_held_out"
+                         else f"{labels[key]} ({start['seq_len']}-token sequences)")
+                print_after(conf["name"], label, start, m[f"{key}_perplexity_after"], 2 if key == "long_range" else 3)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
 
