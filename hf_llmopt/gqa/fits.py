@@ -24,15 +24,20 @@ import torch
 RELATIVE_EIGEN_FLOOR = 1e-7
 
 
+def _floored_eigh(cov: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenpairs of ``cov`` symmetrised, and which eigenvalues exceed ``floor`` times the largest."""
+    eigval, eigvec = torch.linalg.eigh(0.5 * (cov + cov.mH))
+    keep = eigval > floor * eigval.amax(-1, keepdim=True).clamp_min(torch.finfo(eigval.dtype).tiny)
+    return eigval, eigvec, keep
+
+
 def symmetric_sqrt(cov: torch.Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """``(C^{1/2}, C^{+1/2})`` of a PSD (or Hermitian PSD, or a batch of them): root and pseudo-inverse root.
 
     Directions with eigenvalue below ``floor * max`` are dropped from the inverse (the data says nothing there).
     """
-    cov = 0.5 * (cov + cov.mH)
-    eigval, eigvec = torch.linalg.eigh(cov)
+    eigval, eigvec, keep = _floored_eigh(cov, floor)
     tiny = torch.finfo(eigval.dtype).tiny
-    keep = eigval > floor * eigval.amax(-1, keepdim=True).clamp_min(tiny)
     inv = torch.where(keep, eigval.clamp_min(tiny).rsqrt(), torch.zeros_like(eigval))
     root = (eigvec * eigval.clamp_min(0).sqrt().unsqueeze(-2).to(eigvec.dtype)) @ eigvec.mH
     inv_root = (eigvec * inv.unsqueeze(-2).to(eigvec.dtype)) @ eigvec.mH
@@ -47,9 +52,8 @@ def psd_part(cov: torch.Tensor, floor: float = RELATIVE_EIGEN_FLOOR) -> torch.Te
     ``W C W^T`` can then be driven below zero along those directions; the optimiser in :func:`reduced_rank_fit`
     found such directions and returned a projection that wrecked the model.
     """
-    cov = 0.5 * (cov + cov.mH)
-    eigval, eigvec = torch.linalg.eigh(cov)
-    kept = torch.where(eigval > floor * eigval.amax(-1, keepdim=True).clamp_min(0), eigval, torch.zeros_like(eigval))
+    eigval, eigvec, keep = _floored_eigh(cov, floor)
+    kept = torch.where(keep, eigval, torch.zeros_like(eigval))
     return (eigvec * kept.unsqueeze(-2).to(eigvec.dtype)) @ eigvec.mH
 
 
