@@ -65,6 +65,9 @@ PROSE_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_CONFIGS = ("layerwise+distill:attention", "layerwise+distill:all", "distill:attention",
                    "layerwise+next_token:attention", "layerwise+distill:lora@1e-3")
 DEFAULT_LR = 1e-4
+# extra evaluation set -> (what it is called in the output, digits of its ratio to the original)
+EXTRA_EVALS = {"long_range": ("long range", 2), "recut_held_out": ("held-out, re-cut", 3), "prose": ("prose", 3),
+               "prose_long": ("prose, long", 3)}
 
 
 def parse_configuration(text: str) -> dict:
@@ -203,9 +206,7 @@ def write_results(runs: list, args, conversion_seconds: float, out: Path, extras
         "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, {platform.processor()}",
         "versions": library_versions(), "perplexity_original": teacher_ppl,
         "target_perplexity": 1.25 * teacher_ppl,
-        "long_range": extras.get("long_range"),
-        "recut_held_out": extras.get("recut_held_out"),
-        **{key: extras[key] for key in ("prose", "prose_long") if key in extras},
+        **{key: extras.get(key) for key in EXTRA_EVALS},
         "runs": runs,
         "best": min(runs, key=lambda r: r["metrics"]["perplexity_after"])["name"],
     }
@@ -264,9 +265,7 @@ def main(argv=None) -> dict:
     extra_blocks = {"long_range": long_range_blocks(args, tokenizer),
                     "recut_held_out": recut_held_out(args, tokenizer, teacher), **prose_blocks(args, tokenizer)}
     extra_blocks = {key: blocks for key, blocks in extra_blocks.items() if blocks is not None}
-    labels = {"long_range": "long range", "recut_held_out": "held-out, re-cut", "prose": "prose",
-              "prose_long": "prose, long"}
-    extras = {key: measure_start(labels[key], blocks, teacher, student) for key, blocks in extra_blocks.items()}
+    extras = {key: measure_start(EXTRA_EVALS[key][0], blocks, teacher, student) for key, blocks in extra_blocks.items()}
 
     runs = []
     out = Path(args.out)
@@ -286,9 +285,9 @@ def main(argv=None) -> dict:
                   f"original {m['perplexity_teacher']:.3f}; ratio {run['perplexity_ratio_to_teacher']:.3f}; "
                   f"wall {run['wall_minutes_total']:.1f} min with evaluations", flush=True)
             for key, start in extras.items():
-                label = (f"held-out in {start['seq_len']}-token sequences" if key == "recut_held_out"
-                         else f"{labels[key]} ({start['seq_len']}-token sequences)")
-                print_after(conf["name"], label, start, m[f"{key}_perplexity_after"], 2 if key == "long_range" else 3)
+                label, digits = EXTRA_EVALS[key]
+                print_after(conf["name"], f"{label} ({start['seq_len']}-token sequences)", start,
+                            m[f"{key}_perplexity_after"], digits)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return results
 
