@@ -80,6 +80,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="GQAConfig.logit_scale of the data_aware runs: 'auto', 'off' or a number")
     p.add_argument("--static-rope-angle", type=float, default=GQAConfig.static_rope_angle,
                    help="GQAConfig.static_rope_angle of the data-aware runs")
+    p.add_argument("--static-key-fit", choices=["joint", "separate"], default=GQAConfig.static_key_fit,
+                   help="GQAConfig.static_key_fit of the data-aware runs")
     p.add_argument("--seed", type=int, default=GQAConfig.seed,
                    help="GQAConfig.seed of the data-aware runs: which self-sampled calibration text they see")
     p.add_argument("--threads", type=int, default=2)
@@ -142,6 +144,7 @@ def main(argv=None) -> dict:
         if method != "mean":
             extra = {**extra, "calibration_data": calibration, "calibration_tokens": calibration_tokens,
                      "logit_scale": args.logit_scale, "static_rope_angle": args.static_rope_angle,
+                     "static_key_fit": args.static_key_fit,
                      "calibration_seq_len": args.calibration_seq_len, "seed": args.seed}
         converted = convert_to_gqa(model, args.num_key_value_heads, method=method, tokenizer=tokenizer, **extra)
         seconds = time.perf_counter() - start

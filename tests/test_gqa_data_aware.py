@@ -22,14 +22,24 @@ from hf_llmopt.gqa.fits import (
     apply_pair_scales,
     complex_rank1_fit,
     group_query_heads,
+    joint_static_key_fit,
     least_squares_maps,
     reduced_rank_fit,
     reduced_rank_objective,
     rotary_pairs,
+    static_pairs,
 )
 from hf_llmopt.gqa.layout import read_attention, write_attention
 from hf_llmopt.gqa.sharpen import ReferenceKL, fit_logit_scale, scale_attention_logits
-from hf_llmopt.gqa.statistics import forward_batches, minimum_calibration_tokens, rotary_dim
+from hf_llmopt.gqa.statistics import (
+    _prefix_covariance,
+    context_length,
+    forward_batches,
+    minimum_calibration_tokens,
+    rotary_dim,
+    rotary_inv_freq,
+    unpack_static_key_moments,
+)
 
 from tiny_models import tiny_model
 
@@ -242,11 +252,12 @@ def test_group_query_heads_recovers_blocks():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def make_mergeable(model, seed=0, similar_pairs=None, query_gain=8.0):
+def make_mergeable(model, seed=0, similar_pairs=None, query_gain=8.0, free_dims=None):
     """Make every KV head a per-head map of another one, so that merging them loses nothing.
 
-    Keys: a complex scalar per rotary pair (any linear map on the non-rotary dimensions); values: any invertible
-    map. ``similar_pairs`` (``{j: source}``) says which head each one copies; default all copy head 0. Queries
+    Keys: a complex scalar per rotary pair (any linear map on the non-rotary dimensions, and on ``free_dims``
+    together, rotary pairs that RoPE leaves where they are); values: any invertible map. ``similar_pairs``
+    (``{j: source}``) says which head each one copies; default all copy head 0. Queries
     are scaled by ``query_gain`` so that attention is peaked and key errors show in the logits (a random tiny
     model otherwise attends almost uniformly).
     """
@@ -258,6 +269,7 @@ def make_mergeable(model, seed=0, similar_pairs=None, query_gain=8.0):
         w = read_attention(attn, spec.attention, heads, kv).to(torch.float64)
         d = w.head_dim
         first, second, rest = rotary_pairs(d, rotary_dim(model.config, d, spec.attention.rope), spec.attention.rope)
+        rest = rest if free_dims is None else torch.cat([rest, free_dims])
         keys, values = _augmented(w.k_weight, w.k_bias), _augmented(w.v_weight, w.v_bias)
         for j in range(kv):
             src = 0 if similar_pairs is None else similar_pairs.get(j, j)
@@ -475,6 +487,124 @@ def test_static_rope_angle_chooses_the_pairs_fitted_with_any_key_map():
     for bad in (-0.1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="static_rope_angle"):
             convert_to_gqa(model, 1, method="data_aware", calibration_data=data, static_rope_angle=bad)
+    with pytest.raises(ValueError, match="static_key_fit"):
+        convert_to_gqa(model, 1, method="data_aware", calibration_data=data, static_key_fit="both")
+
+
+def _static_dims(model):
+    """Head dimensions of the rotary pairs that RoPE turns by at most 1e-3 rad across the context."""
+    spec = get_arch_spec(model)
+    d = model.config.head_dim
+    rot = rotary_dim(model.config, d, spec.attention.rope)
+    first, second, _ = rotary_pairs(d, rot, spec.attention.rope)
+    static = static_pairs(rotary_inv_freq(model, rot), context_length(model.config), 1e-3)
+    return torch.cat([first[static], second[static]])
+
+
+@pytest.mark.parametrize("fit", ["joint", "separate", "over_the_size_limit"])
+def test_static_pairs_take_any_key_map_exactly(fit, monkeypatch):
+    """Heads whose keys on the static pairs differ by any linear map (not one that commutes with RoPE) merge
+    without loss, with the joint query-key moments and with the separate ones (asked for, or the fallback above the
+    size limit); the record says which fit ran."""
+    import hf_llmopt.gqa.statistics as statistics
+
+    if fit == "over_the_size_limit":
+        monkeypatch.setattr(statistics, "MAX_STATIC_KEY_MOMENT_ENTRIES", 0)
+    joint = fit == "joint"
+    options = {"static_key_fit": "separate"} if fit == "separate" else {}
+    model = tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 1e12})
+    dims = _static_dims(model)
+    assert 0 < len(dims) < model.config.head_dim  # 1e12 base: the slow half of the pairs stands still
+    model = make_mergeable(model, free_dims=dims)
+    data = _data()
+    with torch.no_grad():
+        ref = model(input_ids=data).logits
+        exact = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, static_rope_angle=1e-3,
+                               **options)
+        commuting = convert_to_gqa(model, 1, method="data_aware", calibration_data=data, static_rope_angle=0.0)
+        err, commuting_err = (_rel_err(m(input_ids=data).logits, ref) for m in (exact, commuting))
+    record = exact.config.hf_llmopt_gqa
+    assert record["static_rope_pairs"] == len(dims) // 2
+    assert record["static_key_fit"] == ("joint_query_key_moments" if joint else "separate_query_key_moments")
+    assert err < EXACT_TOL, (err, commuting_err)
+    assert commuting_err > 10 * EXACT_TOL  # maps that must commute with RoPE cannot express these heads
+
+
+def _joint_moments(queries, keys):
+    """Naive ``E_t[q_t q_t^T (x) Cov_{u <= t} k_u]`` per head: ``(n, T, m)`` queries and ``(T, r)`` keys."""
+    moments = []
+    for q in queries:
+        f = 0
+        for t in range(len(keys)):
+            prefix = keys[: t + 1]
+            cov = prefix.T @ prefix / (t + 1) - torch.outer(prefix.mean(0), prefix.mean(0))
+            f = f + torch.einsum("i,j,ab->ijab", q[t], q[t], cov)
+        moments.append(f / len(keys))
+    return moments
+
+
+def _sampled_objective(queries, keys, targets, shared, maps):
+    """Sum over heads and queries of the variance of the logit error over the query's prefix, from samples."""
+    total = 0.0
+    for q, t, b in zip(queries, targets, maps):
+        err = q @ (b @ shared - t) @ keys.T  # (T query, T key) logit errors
+        for i in range(len(keys)):
+            total += float(err[i, : i + 1].var(unbiased=False)) / len(keys)
+    return total
+
+
+def test_joint_static_key_fit_objective_matches_samples_and_only_falls():
+    gen = torch.Generator().manual_seed(3)
+    m, kv, heads, steps = 3, 2, 4, 40
+    keys = torch.randn(steps, kv * m, generator=gen, dtype=torch.float64).cumsum(0) / 4  # drifting keys
+    queries = torch.randn(heads, steps, m, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2, m)
+    moments = _joint_moments(queries, keys)
+    eye = torch.eye(kv * m, dtype=torch.float64)
+    targets = [eye[(h % kv) * m:(h % kv + 1) * m] for h in range(heads)]
+    values = []
+    for rounds in (0, 1, 3, 50):
+        shared, maps, value = joint_static_key_fit(moments, targets, max_iterations=rounds, tolerance=0)
+        assert value == pytest.approx(_sampled_objective(queries, keys, targets, shared, maps), rel=1e-9)
+        values.append(value)
+    assert all(later <= earlier * (1 + 1e-12) for earlier, later in zip(values, values[1:])), values
+    assert values[-1] < 0.9 * values[0]
+
+
+def test_joint_static_key_fit_exact_when_heads_differ_by_maps():
+    """Every KV head's keys a linear map of head 0's: a shared key and per-head maps reproduce every logit.
+
+    The maps sum to zero, so the starting point (the mean of the heads' keys) is zero and the fit has to move."""
+    gen = torch.Generator().manual_seed(4)
+    m, kv, heads, steps = 3, 3, 6, 30
+    base = torch.randn(steps, m, generator=gen, dtype=torch.float64).cumsum(0)
+    other = torch.randn(m, m, generator=gen, dtype=torch.float64)
+    keys = torch.cat([base, base @ other, -base - base @ other], dim=1)
+    queries = torch.randn(heads, steps, m, generator=gen, dtype=torch.float64)
+    moments = _joint_moments(queries, keys)
+    eye = torch.eye(kv * m, dtype=torch.float64)
+    targets = [eye[(h % kv) * m:(h % kv + 1) * m] for h in range(heads)]
+    shared, maps, value = joint_static_key_fit(moments, targets)
+    scale = _sampled_objective(queries, keys, targets, shared, [0 * b for b in maps])  # all logits lost
+    assert value < 1e-9 * scale
+    assert _sampled_objective(queries, keys, targets, shared, maps) < 1e-9 * scale
+
+
+def test_prefix_covariance_and_packed_moments_match_naive_references():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 7, 3, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]], dtype=torch.float32)
+    cov = _prefix_covariance(keys, mask)
+    for b in range(2):
+        for t in range(7):
+            prefix = keys[b, : t + 1][mask[b, : t + 1].bool()]
+            naive = prefix.T @ prefix / len(prefix) - torch.outer(prefix.mean(0), prefix.mean(0))
+            torch.testing.assert_close(cov[b, t], naive, atol=1e-5, rtol=1e-5)
+    m, r = 3, 4
+    q, k = torch.randn(m, m, generator=gen), torch.randn(r, r, generator=gen)
+    full = torch.einsum("ij,ab->ijab", q + q.T, k + k.T)
+    qi, qj = torch.triu_indices(m, m)
+    ka, kb = torch.triu_indices(r, r)
+    torch.testing.assert_close(unpack_static_key_moments(full[qi, qj][:, ka, kb], m), full)
 
 
 def test_one_conversion_builds_its_calibration_blocks_once(monkeypatch):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 GQA_METHODS = ("mean", "data_aware", "data_aware_values", "auto")
 LAYERWISE_INPUTS = ("original", "converted")
+STATIC_KEY_FITS = ("joint", "separate")
 
 
 @dataclass
@@ -59,11 +60,15 @@ class GQAConfig:
             :mod:`hf_llmopt.gqa.sharpen`).
         static_rope_angle: RoPE frequency pairs that turn by at most this many radians across the model's context
             window (``max_position_embeddings``) count as not rotated: their keys are fitted with any per-head linear
-            map instead of a complex scalar per pair (``data_aware``; 0 treats every pair as rotating). Larger fits
-            short text better and long range worse. SmolLM2 at 3 -> 1 KV heads (1 thread, side by side): 0.5 (the
-            default, 5 of 32 pairs) gives 3.18x / 3.29x of the original chat / prose perplexity on 256-token text
-            and 9.4x on 2,048-token packed chat; 0.35 (4 pairs) 3.35x / 3.37x and 6.1x (after 10 minutes of the
-            layer-wise stage: 2.00x / 2.05x / 4.6x against 2.08x / 2.06x / 3.1x).
+            map (on joint query-key moments) instead of a complex scalar per pair (``data_aware``; 0 treats every
+            pair as rotating). Larger fits short text better and long range worse. SmolLM2 at 3 -> 1 KV heads: 1.5
+            (the default, 8 of 32 pairs) gives 2.77x / 2.98x of the original chat / prose perplexity on 256-token
+            text and 11.8x on 2,048-token packed chat; 0.5 (5 pairs) 3.38x / 3.13x and 9.7x (the README's Long
+            range; see ``static_key_fit`` for long contexts).
+        static_key_fit: how the static pairs' key maps are fitted: ``"joint"`` (the default) on joint query-key
+            moments, each query with the covariance of the keys in its own prefix; ``"separate"`` on separate query
+            and key moments, the fit before it, better at long range (SmolLM2, 0.35: 3.35x / 3.37x and 6.1x). Joint
+            falls back to separate above 2^22 moment entries per layer; the record says which ran.
         group_by_similarity: for ``G > 1``, group KV heads whose keys/values are most alike instead of contiguous
             groups (data-aware methods only; mean pooling keeps the paper's contiguous groups).
         seed: seeds calibration sampling.
@@ -86,9 +91,13 @@ class GQAConfig:
                                    "converted hidden state) each block is also fit to cancel (converted inputs)."})
     logit_scale: str = field(default="auto", metadata={"help": "Logit scale after fitting the keys (data_aware): "
                              "'auto' (searched on the calibration text), 'off', or a number."})
-    static_rope_angle: float = field(default=0.5, metadata={"help": "RoPE pairs turning by at most this many "
+    static_rope_angle: float = field(default=1.5, metadata={"help": "RoPE pairs turning by at most this many "
                                      "radians over the context window get any per-head key map (data_aware); 0: "
-                                     "none. Larger fits short text better, long range worse."})
+                                     "none. Larger fits short text better, long range worse (see the README's "
+                                     "Long range)."})
+    static_key_fit: str = field(default="joint", metadata={"help": "Fit of the static pairs' key maps: 'joint' "
+                                "(query-key moments) or 'separate' (better at long range, with "
+                                "--static-rope-angle 0.35)."})
     group_by_similarity: bool = field(default=True, metadata={"help": "Group similar KV heads (G > 1, "
                                       "data-aware methods)."})
     seed: int = field(default=0, metadata={"help": "Seed of calibration sampling."})
@@ -111,6 +120,8 @@ class GQAConfig:
             raise ValueError(f"layerwise_batch_size must be >= 1, got {self.layerwise_batch_size}")
         if not 0.0 <= self.static_rope_angle < float("inf"):
             raise ValueError(f"static_rope_angle must be a finite number >= 0, got {self.static_rope_angle}")
+        if self.static_key_fit not in STATIC_KEY_FITS:
+            raise ValueError(f"static_key_fit={self.static_key_fit!r} is not one of {STATIC_KEY_FITS}")
         if self.layerwise_minutes <= 0:
             raise ValueError(f"layerwise_minutes must be > 0, got {self.layerwise_minutes}")
 

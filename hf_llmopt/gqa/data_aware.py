@@ -39,6 +39,7 @@ from .fits import (
     apply_pair_scales,
     complex_rank1_fit,
     group_query_heads,
+    joint_static_key_fit,
     kv_head_similarity,
     least_squares_maps,
     mean_retention,
@@ -90,7 +91,7 @@ def fit_group_values(w: AttentionWeights, value_moments: torch.Tensor, group: li
 
 def fit_group_keys(w: AttentionWeights, input_moment: torch.Tensor, group: list[int], source_kv: list[int],
                    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], query_moment: torch.Tensor | None = None,
-                   retention: torch.Tensor | None = None):
+                   retention: torch.Tensor | None = None, static_moments=None):
     """Shared key projection of one group and the query rows of its heads with their key maps folded in.
 
     Key errors are weighed by the input second moment over key positions, less the part of the mean that the
@@ -106,6 +107,8 @@ def fit_group_keys(w: AttentionWeights, input_moment: torch.Tensor, group: list[
             with its own per-head linear maps (the non-rotary dimensions; the pairs RoPE barely turns).
         query_moment: second moment over query positions, for the query energies (default ``input_moment``).
         retention: ``(len(first),)`` weight of the squared mean key per rotary pair (default 1).
+        static_moments: ``(dims, moments)``: :attr:`LayerStatistics.static_key_moments` and the dimensions they are
+            on; the block of exactly those dimensions is fitted on them (:func:`joint_static_key_fit`).
 
     Returns:
         ``(k_weight (d, D), k_bias (d,) or None, [q rows (d, D + 1) per head of the group])``.
@@ -136,6 +139,9 @@ def fit_group_keys(w: AttentionWeights, input_moment: torch.Tensor, group: list[
         queries = [apply_pair_scales(q, scales[:, i].conj(), first, second) for i, q in enumerate(queries)]
     blocks = [passthrough] if isinstance(passthrough, torch.Tensor) else passthrough
     for dims in (b for b in blocks if len(b)):  # each block of dimensions takes any per-head linear map
+        if static_moments is not None and torch.equal(dims, static_moments[0]):
+            _fit_static_block(keys, dims, static_moments[1], centered, group, source_kv, shared, queries)
+            continue
         targets = [keys[source_kv[h]][dims] for h in group]
         lefts = [q[dims] @ query_moment @ q[dims].T for q in queries]  # query covariance
         fit, _ = reduced_rank_fit(targets, centered, len(dims), lefts)
@@ -147,6 +153,32 @@ def fit_group_keys(w: AttentionWeights, input_moment: torch.Tensor, group: list[
     if w.k_bias is None:
         return shared, None, queries
     return shared[:, :-1], shared[:, -1], queries
+
+
+def _fit_static_block(keys, dims, moments, centered, group, source_kv, shared, queries) -> None:
+    """The block of static key dimensions from joint query-key moments (:func:`joint_static_key_fit`), in place.
+
+    The shared key lies in the span of the group's original keys on ``dims``; each head's map is folded into its
+    query rows.
+    """
+    m = len(dims)
+    kv_heads = sorted({source_kv[h] for h in group})
+    span = torch.cat([torch.arange(kv * m, (kv + 1) * m) for kv in kv_heads])  # rows of the moments for the group
+    stacked = torch.cat([keys[kv][dims] for kv in kv_heads])  # (r, P)
+    eye = torch.eye(len(span), dtype=stacked.dtype)
+    targets = [eye[kv_heads.index(source_kv[h]) * m:(kv_heads.index(source_kv[h]) + 1) * m] for h in group]
+    from .statistics import unpack_static_key_moments
+
+    fit, maps, _ = joint_static_key_fit(
+        [unpack_static_key_moments(moments[h], m)[:, :, span][:, :, :, span] for h in group], targets)
+    span_cov = stacked @ centered.to(stacked.dtype) @ stacked.T
+    aligned = align_gauge(fit, sum(targets) / len(targets), span_cov)
+    if aligned is not fit:  # W -> R W, so every B_h -> B_h R^+
+        maps = [b @ fit @ span_cov @ aligned.T @ torch.linalg.pinv(aligned @ span_cov @ aligned.T, hermitian=True)
+                for b in maps]
+    shared[dims] = aligned @ stacked
+    for q, b in zip(queries, maps):
+        q[dims] = b.T @ q[dims]
 
 
 def _permute_query_heads(w: AttentionWeights, order: list[int]) -> AttentionWeights:
@@ -199,8 +231,10 @@ def merge_attention_heads(w: AttentionWeights, stats, spec, groups: list[list[in
         for slot, o_slice in zip(slots, o_slices):
             new["o_weight"][:, slot] = o_slice
         if fit_keys:
+            static = (None if getattr(stats, "static_key_moments", None) is None
+                      else (stats.static_dims, stats.static_key_moments))
             k_weight, k_bias, queries = fit_group_keys(w, stats.input_moment, group, source_kv, pairs,
-                                                        stats.query_moment, retention)
+                                                        stats.query_moment, retention, static)
             new["k_weight"][g] = k_weight
             if k_bias is not None:
                 new["k_bias"][g] = k_bias
@@ -227,8 +261,9 @@ def _choose_groups(w: AttentionWeights, stats, num_groups: int, pairs, by_simila
 
 def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data, tokenizer, fit_keys=True):
     from .convert import mean_pool_attention
-    from .statistics import (AttentionProbabilitiesUnavailable, calibration_blocks, collect_attention_statistics,
-                             context_length, has_qk_norm, rotary_dim, rotary_inv_freq)
+    from .statistics import (MAX_STATIC_KEY_MOMENT_ENTRIES, AttentionProbabilitiesUnavailable, calibration_blocks,
+                             collect_attention_statistics, context_length, has_qk_norm, rotary_dim, rotary_inv_freq,
+                             static_key_moment_entries)
 
     extra: dict = {}
     qk_norm = has_qk_norm(model, spec)
@@ -245,8 +280,17 @@ def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data
     head_dim = weights[0].head_dim
     blocks = calibration_blocks(model, calibration_data, tokenizer, cfg, head_dim)
     pad = sampling_pad_token_id(tokenizer)
+    rot = rotary_dim(model.config, head_dim, spec.attention.rope)
+    first, second, passthrough = rotary_pairs(head_dim, rot, spec.attention.rope)
+    inv_freq = rotary_inv_freq(model, rot) if len(first) else torch.zeros(0, dtype=torch.float64)
+    context = context_length(model.config)
+    static = static_pairs(inv_freq, context, cfg.static_rope_angle)
+    static_dims = torch.cat([first[static], second[static]])
+    entries = static_key_moment_entries(weights[0].num_heads, weights[0].num_kv_heads, len(static_dims))
+    joint = fit_keys and cfg.static_key_fit == "joint" and 0 < entries <= MAX_STATIC_KEY_MOMENT_ENTRIES
     try:
-        stats = collect_attention_statistics(model, spec, weights, blocks, pad_token_id=pad)
+        stats = collect_attention_statistics(model, spec, weights, blocks, pad_token_id=pad,
+                                             static_dims=static_dims if joint else None)
     except AttentionProbabilitiesUnavailable as err:
         if cfg.method != "auto":
             raise
@@ -254,12 +298,7 @@ def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data
         return [mean_pool_attention(w, spec, num_key_value_heads) for w in weights], {
             "method": "mean", "fallback_reason": str(err)}
     collected = time.perf_counter()
-    rot = rotary_dim(model.config, head_dim, spec.attention.rope)
-    first, second, passthrough = rotary_pairs(head_dim, rot, spec.attention.rope)
-    inv_freq = rotary_inv_freq(model, rot) if len(first) else torch.zeros(0, dtype=torch.float64)
-    context = context_length(model.config)
-    static = static_pairs(inv_freq, context, cfg.static_rope_angle)
-    pairs = (first[~static], second[~static], [torch.cat([first[static], second[static]]), passthrough])
+    pairs = (first[~static], second[~static], [static_dims, passthrough])
     retention = mean_retention(inv_freq[~static], context or 2048)
     # Reordering query heads needs per-head query norms to move with them; those families keep contiguous groups.
     by_similarity = cfg.group_by_similarity and not (qk_norm and spec.attention.kv_norm_layout != "shared")
@@ -279,6 +318,8 @@ def _data_aware(model, spec, weights, num_key_value_heads, cfg, calibration_data
         "rotary_dim": rot,
         "static_rope_angle": cfg.static_rope_angle,
         "static_rope_pairs": int(static.sum()),
+        "static_key_fit": ("joint_query_key_moments" if joint else
+                           "separate_query_key_moments" if fit_keys and len(static_dims) else None),
         "key_fit": ("complex_rank1_per_rope_pair" if fit_keys else "mean"),
         "value_fit": "reduced_rank",
         "statistics_seconds": round(collected - start, 2),

@@ -6,11 +6,19 @@ per layer (legend in :mod:`hf_llmopt.gqa.data_aware`)::
 
     input_moment   (P, P)     E[x x^T],  x = [hidden_states; 1] the normed input of the attention block
     value_moments  (H, U, U)  E[z_h z_h^T],  z_h(t) = sum_u A_h(t, u) [V x(u); 1]   (U = KV * d + 1)
+    static_key_moments  (H, m(m+1)/2, r(r+1)/2)  r = KV * m, on m static key dimensions (optional, below)
 
 ``input_moment`` is all the key fit needs (query energies and key errors are quadratic forms in it);
 ``value_moments`` keep the attention-mixed inputs of each query head in the span of the original value
 projections, where the optimal shared value projection lies, so they stay small (193 x 193 for SmolLM2 instead
 of 577 x 577 per head). Memory is bounded by these moments, whatever the number of calibration tokens.
+
+``static_key_moments`` serve the key dimensions that RoPE barely turns (:func:`~hf_llmopt.gqa.fits.static_pairs`),
+whose per-head key maps may be any linear map: ``E_t[q_h(t) q_h(t)^T (x) Cov_{u <= t} k(u)]``, the query of head
+``h`` on those dimensions times the covariance of all KV heads' keys on them over the prefix that query attends to.
+The logit error of a merged key is a quadratic form in it, coupled by position and blind to any key error that is the
+same over a prefix, as the softmax is (:func:`~hf_llmopt.gqa.fits.joint_static_key_fit`). Both factors are symmetric,
+so only their upper triangles are kept (:func:`unpack_static_key_moments`); they are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -46,6 +54,33 @@ class LayerStatistics:
     value_moments: torch.Tensor  # (H, U, U) float64, over query positions
     query_moment: torch.Tensor  # (P, P) float64, over query positions
     tokens: int = 0
+    static_dims: torch.Tensor | None = None  # (m,) head dimensions of static_key_moments
+    # (H, m (m + 1) / 2, r (r + 1) / 2) float64 over query positions, r = KV * m: the upper triangles of the
+    # symmetric (m, m) and (r, r) factors (unpack_static_key_moments)
+    static_key_moments: torch.Tensor | None = None
+
+
+# Largest static_key_moments collected per layer (entries); beyond it the static dimensions keep the fit from the
+# input and query moments alone. SmolLM2 with 8 static pairs needs 1.4M (11.5 MB in float64).
+MAX_STATIC_KEY_MOMENT_ENTRIES = 2**22
+
+
+def static_key_moment_entries(num_heads: int, num_kv_heads: int, dims: int) -> int:
+    """How many entries :attr:`LayerStatistics.static_key_moments` has for ``dims`` static key dimensions."""
+    span = num_kv_heads * dims
+    return num_heads * dims * (dims + 1) // 2 * span * (span + 1) // 2
+
+
+def unpack_static_key_moments(packed: torch.Tensor, m: int) -> torch.Tensor:
+    """One head's ``(m (m + 1) / 2, r (r + 1) / 2)`` packed moments -> the full ``(m, m, r, r)`` tensor."""
+    r = round(((8 * packed.shape[1] + 1) ** 0.5 - 1) / 2)
+    qi, qj = (i[:, None] for i in torch.triu_indices(m, m))
+    ka, kb = (i[None, :] for i in torch.triu_indices(r, r))
+    full = packed.new_zeros(m, m, r, r)
+    for i, j in ((qi, qj), (qj, qi)):
+        for a, b in ((ka, kb), (kb, ka)):
+            full[i, j, a, b] = packed
+    return full
 
 
 def minimum_calibration_tokens(head_dim: int) -> int:
@@ -210,10 +245,20 @@ class _ResidualScale:
         return mask / energy.clamp_min(1e-12)
 
 
+def _prefix_covariance(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T, r)`` keys and ``(B, T)`` key mask -> ``(B, T, r, r)``: covariance of the keys at positions ``<= t``."""
+    keys = keys * mask[..., None]
+    count = mask.cumsum(1).clamp_min(1)[..., None]
+    mean = keys.cumsum(1) / count
+    second = (keys[..., :, None] * keys[..., None, :]).cumsum(1) / count[..., None]
+    return second - mean[..., :, None] * mean[..., None, :]
+
+
 class _StatisticsHook:
     def __init__(self, weights: AttentionWeights, stats: LayerStatistics, last: bool, family: str,
                  scale: _ResidualScale):
         self.scale = scale
+        self.weights = weights
         self.values = value_stack(weights)
         self.stats = stats
         self.last = last
@@ -242,9 +287,28 @@ class _StatisticsHook:
         mixed = mixed.transpose(0, 1).reshape(heads, -1, mixed.shape[-1])  # (H, B*T, U)
         weighted = mixed * weight.reshape(1, -1, 1)
         self.stats.value_moments += torch.bmm(weighted.transpose(1, 2), mixed).double()
+        if self.stats.static_key_moments is not None:
+            self._static_keys(x, weight[..., 0])
         self.stats.tokens += int(self.mask.sum())
         if self.last:
             raise _StopForward
+
+    def _static_keys(self, x: torch.Tensor, weight: torch.Tensor) -> None:
+        """Accumulate ``static_key_moments`` from ``x = [hidden; 1]`` and the query weights ``(B, T)``."""
+        w, dims = self.weights, self.stats.static_dims
+        rows = lambda weight_, bias: torch.cat([  # noqa: E731  (..., m, P) rows acting on [x; 1]
+            weight_[..., dims, :], (bias[..., dims] if bias is not None else weight_.new_zeros(
+                weight_.shape[0], len(dims)))[..., None]], dim=-1).double()
+        # float64 throughout: a prefix covariance is a difference of running sums, and the fit exploits any
+        # negative eigenvalue that rounding leaves in the moments (a heads-are-mergeable model then fits badly)
+        x = x.double()
+        q = torch.einsum("btp,hmp->bthm", x, rows(w.q_weight, w.q_bias))
+        k = torch.einsum("btp,kmp->btkm", x, rows(w.k_weight, w.k_bias)).flatten(2)  # (B, T, KV * m)
+        rows, cols = torch.triu_indices(k.shape[-1], k.shape[-1])
+        cov = _prefix_covariance(k, self.mask.double())[..., rows, cols].flatten(0, 1)  # (B * T, r (r + 1) / 2)
+        rows, cols = torch.triu_indices(q.shape[-1], q.shape[-1])
+        qq = (q[..., rows] * q[..., cols] * weight[..., None, None]).flatten(0, 1)  # (B * T, H, m (m + 1) / 2)
+        self.stats.static_key_moments += qq.permute(1, 2, 0) @ cov
 
 
 def forward_batches(model, blocks: torch.Tensor, batch_size: int, handles: list, before_batch=None,
@@ -273,7 +337,8 @@ def forward_batches(model, blocks: torch.Tensor, batch_size: int, handles: list,
 
 @torch.no_grad()
 def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionWeights], blocks: torch.Tensor,
-                                 batch_size: int = 8, pad_token_id: int | None = None) -> list[LayerStatistics]:
+                                 batch_size: int = 8, pad_token_id: int | None = None,
+                                 static_dims: torch.Tensor | None = None) -> list[LayerStatistics]:
     """Second moments of every attention block of ``model`` over ``blocks`` (see the module docstring).
 
     Args:
@@ -282,6 +347,7 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
         weights: its canonical attention weights per layer (fp32), used to map inputs into value space.
         blocks: ``(N, T)`` token ids.
         pad_token_id: trailing runs of this token are left out (see :func:`query_positions`).
+        static_dims: head dimensions to collect ``static_key_moments`` on (none when ``None`` or empty).
 
     Raises:
         AttentionProbabilitiesUnavailable: the family's attention does not expose its probabilities.
@@ -292,9 +358,16 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
     dim = weights[0].q_weight.shape[-1] + 1
     units = weights[0].v_weight.shape[0] * weights[0].head_dim + 1
     heads = weights[0].num_heads
+    kv = weights[0].num_kv_heads
+    static = static_dims is not None and len(static_dims) > 0
+    m = len(static_dims) if static else 0
     stats = [LayerStatistics(torch.zeros(dim, dim, dtype=torch.float64),
                              torch.zeros(heads, units, units, dtype=torch.float64),
-                             torch.zeros(dim, dim, dtype=torch.float64)) for _ in layers]
+                             torch.zeros(dim, dim, dtype=torch.float64),
+                             static_dims=static_dims if static else None,
+                             static_key_moments=torch.zeros(heads, m * (m + 1) // 2, kv * m * (kv * m + 1) // 2,
+                                                            dtype=torch.float64) if static else None)
+             for _ in layers]
     scales = [_ResidualScale(layer) for layer in layers]
     hooks = [_StatisticsHook(w, s, last=i == len(layers) - 1, family=model.config.model_type, scale=sc)
              for i, (w, s, sc) in enumerate(zip(weights, stats, scales))]
@@ -313,6 +386,8 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
         s.input_moment /= max(s.tokens, 1)
         s.value_moments /= max(s.tokens, 1)
         s.query_moment /= max(s.tokens, 1)
+        if s.static_key_moments is not None:
+            s.static_key_moments /= max(s.tokens, 1)
     return stats
 
 
