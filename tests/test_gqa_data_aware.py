@@ -16,7 +16,6 @@ from hf_llmopt.gqa import convert_to_gqa
 from hf_llmopt.gqa.calibrate import _LayerCalls, _layer_data, block_relative_mse, capture_block_io
 from hf_llmopt.gqa.config import GQAConfig
 from hf_llmopt.gqa.convert import get_attention, get_decoder_layers, num_heads_of
-from hf_llmopt.gqa.data_aware import _augmented
 from hf_llmopt.gqa.fits import (
     align_gauge,
     apply_pair_scales,
@@ -29,7 +28,7 @@ from hf_llmopt.gqa.fits import (
     rotary_pairs,
     static_pairs,
 )
-from hf_llmopt.gqa.layout import read_attention, write_attention
+from hf_llmopt.gqa.layout import augmented_rows, read_attention, write_attention
 from hf_llmopt.gqa.sharpen import ReferenceKL, fit_logit_scale, scale_attention_logits
 from hf_llmopt.gqa.statistics import (
     _prefix_covariance,
@@ -270,7 +269,7 @@ def make_mergeable(model, seed=0, similar_pairs=None, query_gain=8.0, free_dims=
         d = w.head_dim
         first, second, rest = rotary_pairs(d, rotary_dim(model.config, d, spec.attention.rope), spec.attention.rope)
         rest = rest if free_dims is None else torch.cat([rest, free_dims])
-        keys, values = _augmented(w.k_weight, w.k_bias), _augmented(w.v_weight, w.v_bias)
+        keys, values = augmented_rows(w.k_weight, w.k_bias), augmented_rows(w.v_weight, w.v_bias)
         for j in range(kv):
             src = 0 if similar_pairs is None else similar_pairs.get(j, j)
             if j == src:

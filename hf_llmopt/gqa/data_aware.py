@@ -48,19 +48,13 @@ from .fits import (
     static_pairs,
     to_complex_pairs,
 )
-from .layout import AttentionWeights
+from .layout import AttentionWeights, augmented_rows
 
 logger = logging.getLogger(__name__)
 
 # L-BFGS iterations polishing the value fit where heads see different attention-mixed inputs (each is ~10 ms on
 # SmolLM2; 30 take the per-layer value error from ~8% to ~5%).
 VALUE_REFINE_STEPS = 30
-
-
-def _augmented(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``(..., d, D)`` rows and ``(..., d)`` bias -> ``(..., d, D + 1)`` rows acting on ``[x; 1]``."""
-    bias = bias if bias is not None else weight.new_zeros(weight.shape[:-1])
-    return torch.cat([weight, bias[..., None]], dim=-1)
 
 
 def fit_group_values(w: AttentionWeights, value_moments: torch.Tensor, group: list[int], source_kv: list[int],
@@ -115,8 +109,8 @@ def fit_group_keys(w: AttentionWeights, input_moment: torch.Tensor, group: list[
     """
     first, second, passthrough = pairs
     query_moment = input_moment if query_moment is None else query_moment
-    queries = [_augmented(w.q_weight[h], None if w.q_bias is None else w.q_bias[h]).double() for h in group]
-    keys = _augmented(w.k_weight, w.k_bias).double()  # (KV, d, P)
+    queries = [augmented_rows(w.q_weight[h], None if w.q_bias is None else w.q_bias[h]).double() for h in group]
+    keys = augmented_rows(w.k_weight, w.k_bias).double()  # (KV, d, P)
     moment, mean = input_moment, input_moment[:, -1]  # the last coordinate of [x; 1] is 1: its row is E[x]
     if w.k_bias is None:  # no bias parameter to hold a constant: fit in the space of x alone
         keys, moment, mean = keys[..., :-1], moment[:-1, :-1], mean[:-1]
@@ -165,8 +159,8 @@ def _fit_static_block(keys, dims, moments, centered, group, source_kv, shared, q
     kv_heads = sorted({source_kv[h] for h in group})
     span = torch.cat([torch.arange(kv * m, (kv + 1) * m) for kv in kv_heads])  # rows of the moments for the group
     stacked = torch.cat([keys[kv][dims] for kv in kv_heads])  # (r, P)
-    eye = torch.eye(len(span), dtype=stacked.dtype)
-    targets = [eye[kv_heads.index(source_kv[h]) * m:(kv_heads.index(source_kv[h]) + 1) * m] for h in group]
+    selectors = torch.eye(len(span), dtype=stacked.dtype).reshape(len(kv_heads), m, len(span))
+    targets = [selectors[kv_heads.index(source_kv[h])] for h in group]
     from .statistics import unpack_static_key_moments
 
     fit, maps, _ = joint_static_key_fit(
@@ -231,8 +225,7 @@ def merge_attention_heads(w: AttentionWeights, stats, spec, groups: list[list[in
         for slot, o_slice in zip(slots, o_slices):
             new["o_weight"][:, slot] = o_slice
         if fit_keys:
-            static = (None if getattr(stats, "static_key_moments", None) is None
-                      else (stats.static_dims, stats.static_key_moments))
+            static = (None if stats.static_key_moments is None else (stats.static_dims, stats.static_key_moments))
             k_weight, k_bias, queries = fit_group_keys(w, stats.input_moment, group, source_kv, pairs,
                                                         stats.query_moment, retention, static)
             new["k_weight"][g] = k_weight
@@ -253,7 +246,8 @@ def _choose_groups(w: AttentionWeights, stats, num_groups: int, pairs, by_simila
         return contiguous_groups(heads, num_groups)
     first, second, blocks = pairs
     linear = torch.cat(list(blocks)) if not isinstance(blocks, torch.Tensor) else blocks
-    kv_sim = kv_head_similarity(_augmented(w.k_weight, w.k_bias).double(), _augmented(w.v_weight, w.v_bias).double(),
+    kv_sim = kv_head_similarity(augmented_rows(w.k_weight, w.k_bias).double(),
+                                augmented_rows(w.v_weight, w.v_bias).double(),
                                 stats.input_moment, first, second, linear)
     source_kv = torch.tensor([h // (heads // w.num_kv_heads) for h in range(heads)])
     return group_query_heads(kv_sim[source_kv][:, source_kv], num_groups)

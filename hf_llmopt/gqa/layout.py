@@ -57,6 +57,12 @@ class AttentionWeights:
         )
 
 
+def augmented_rows(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``(..., d, D)`` rows and ``(..., d)`` bias -> ``(..., d, D + 1)`` rows acting on ``[x; 1]``."""
+    bias = bias if bias is not None else weight.new_zeros(weight.shape[:-1])
+    return torch.cat([weight, bias[..., None]], dim=-1)
+
+
 def _linear_params(linear: nn.Module, heads: int, conv1d: bool = False):
     """(heads, d, D) weight and (heads, d) bias of an nn.Linear (or Conv1D, whose weight is (D, out))."""
     weight = linear.weight.detach()

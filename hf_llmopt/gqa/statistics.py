@@ -35,7 +35,7 @@ from .._compat import rope_parameters
 from ..architectures import ArchSpec
 from ..data import DataTooShortError, pack_samples, query_positions, sampling_pad_token_id, token_blocks
 from ..evaluation import eval_mode
-from .layout import AttentionWeights
+from .layout import AttentionWeights, augmented_rows
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,16 @@ class LayerStatistics:
 MAX_STATIC_KEY_MOMENT_ENTRIES = 2**22
 
 
+def static_key_moment_shape(num_heads: int, num_kv_heads: int, dims: int) -> tuple[int, int, int]:
+    """Shape of :attr:`LayerStatistics.static_key_moments` for ``dims`` static key dimensions."""
+    span = num_kv_heads * dims
+    return num_heads, dims * (dims + 1) // 2, span * (span + 1) // 2
+
+
 def static_key_moment_entries(num_heads: int, num_kv_heads: int, dims: int) -> int:
     """How many entries :attr:`LayerStatistics.static_key_moments` has for ``dims`` static key dimensions."""
-    span = num_kv_heads * dims
-    return num_heads * dims * (dims + 1) // 2 * span * (span + 1) // 2
+    heads, query_pairs, key_pairs = static_key_moment_shape(num_heads, num_kv_heads, dims)
+    return heads * query_pairs * key_pairs
 
 
 def unpack_static_key_moments(packed: torch.Tensor, m: int) -> torch.Tensor:
@@ -213,8 +219,7 @@ def eager_attention(model):
 def value_stack(w: AttentionWeights) -> torch.Tensor:
     """``(U, P)`` map from ``x = [hidden; 1]`` to ``[V x; 1]``: every KV head's value rows (with bias) and a 1."""
     kv, d, dim = w.v_weight.shape
-    bias = w.v_bias if w.v_bias is not None else w.v_weight.new_zeros(kv, d)
-    rows = torch.cat([w.v_weight, bias[..., None]], dim=-1).reshape(kv * d, dim + 1)
+    rows = augmented_rows(w.v_weight, w.v_bias).reshape(kv * d, dim + 1)
     const = torch.zeros(1, dim + 1, dtype=rows.dtype)
     const[0, -1] = 1.0
     return torch.cat([rows, const])
@@ -258,8 +263,10 @@ class _StatisticsHook:
     def __init__(self, weights: AttentionWeights, stats: LayerStatistics, last: bool, family: str,
                  scale: _ResidualScale):
         self.scale = scale
-        self.weights = weights
         self.values = value_stack(weights)
+        if stats.static_key_moments is not None:  # (H, m, P) and (KV, m, P) rows on the static dims, acting on [x; 1]
+            self.static_rows = (augmented_rows(weights.q_weight, weights.q_bias)[:, stats.static_dims].double(),
+                                augmented_rows(weights.k_weight, weights.k_bias)[:, stats.static_dims].double())
         self.stats = stats
         self.last = last
         self.family = family
@@ -295,15 +302,12 @@ class _StatisticsHook:
 
     def _static_keys(self, x: torch.Tensor, weight: torch.Tensor) -> None:
         """Accumulate ``static_key_moments`` from ``x = [hidden; 1]`` and the query weights ``(B, T)``."""
-        w, dims = self.weights, self.stats.static_dims
-        rows = lambda weight_, bias: torch.cat([  # noqa: E731  (..., m, P) rows acting on [x; 1]
-            weight_[..., dims, :], (bias[..., dims] if bias is not None else weight_.new_zeros(
-                weight_.shape[0], len(dims)))[..., None]], dim=-1).double()
         # float64 throughout: a prefix covariance is a difference of running sums, and the fit exploits any
         # negative eigenvalue that rounding leaves in the moments (a heads-are-mergeable model then fits badly)
         x = x.double()
-        q = torch.einsum("btp,hmp->bthm", x, rows(w.q_weight, w.q_bias))
-        k = torch.einsum("btp,kmp->btkm", x, rows(w.k_weight, w.k_bias)).flatten(2)  # (B, T, KV * m)
+        q_rows, k_rows = self.static_rows
+        q = torch.einsum("btp,hmp->bthm", x, q_rows)
+        k = torch.einsum("btp,kmp->btkm", x, k_rows).flatten(2)  # (B, T, KV * m)
         rows, cols = torch.triu_indices(k.shape[-1], k.shape[-1])
         cov = _prefix_covariance(k, self.mask.double())[..., rows, cols].flatten(0, 1)  # (B * T, r (r + 1) / 2)
         rows, cols = torch.triu_indices(q.shape[-1], q.shape[-1])
@@ -365,7 +369,7 @@ def collect_attention_statistics(model, spec: ArchSpec, weights: list[AttentionW
                              torch.zeros(heads, units, units, dtype=torch.float64),
                              torch.zeros(dim, dim, dtype=torch.float64),
                              static_dims=static_dims if static else None,
-                             static_key_moments=torch.zeros(heads, m * (m + 1) // 2, kv * m * (kv * m + 1) // 2,
+                             static_key_moments=torch.zeros(static_key_moment_shape(heads, kv, m),
                                                             dtype=torch.float64) if static else None)
              for _ in layers]
     scales = [_ResidualScale(layer) for layer in layers]
